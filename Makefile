@@ -1,0 +1,53 @@
+# The two commands of the README: `make run` runs the pipeline, `make test` passes the tests.
+# Both bootstrap uv if it is missing, install the locked environment, then act.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+# uv from PATH, else a private copy installed from PyPI into .tools/ (no system changes).
+UV := $(or $(shell command -v uv 2>/dev/null),$(CURDIR)/.tools/bin/uv)
+RUN := $(UV) run --frozen --no-sync
+DEBIAN_DATA := /usr/share/datasets/fashion-mnist
+ARGS ?=
+
+.PHONY: help run test lint format bench sync ensure-data
+
+help:
+	@echo "make run    run the whole pipeline (ARGS='--epochs 1 ...' passes options; see 'pipeline run --help')"
+	@echo "make test   lint and run the test suite"
+	@echo "make bench  run the benchmarks under bench/"
+
+$(CURDIR)/.tools/bin/uv:
+	@echo "uv not found on PATH: installing it from PyPI into .tools/"
+	python3 -m venv .tools && .tools/bin/pip install --quiet uv
+
+sync: | $(UV)
+	@$(UV) sync --frozen
+
+# Where no mirror is reachable the dataset step falls back to Debian's dataset-fashion-mnist
+# package; install it when nothing is cached yet and we are root on a Debian/Ubuntu system.
+ensure-data: sync
+	@if ! $(RUN) pipeline dataset --offline >/dev/null 2>&1 \
+	    && [ ! -e $(DEBIAN_DATA)/train-images-idx3-ubyte.gz ] \
+	    && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  echo "make: no cached Fashion-MNIST: installing Debian's dataset-fashion-mnist (offline fallback mirror)"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist; \
+	fi
+
+run: ensure-data
+	$(RUN) pipeline run $(ARGS)
+
+lint: sync
+	$(RUN) ruff check .
+	$(RUN) ruff format --check .
+
+test: lint
+	$(RUN) pytest $(ARGS)
+
+format: sync
+	$(RUN) ruff check --fix .
+	$(RUN) ruff format .
+
+bench: sync
+	$(RUN) python bench/dataset_speed.py
+	$(RUN) python bench/train_speed.py
+	$(RUN) python bench/s3_throughput.py

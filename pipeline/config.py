@@ -1,0 +1,176 @@
+"""The one typed configuration of the pipeline.
+
+`PipelineConfig` holds every knob. It is built once (defaults < environment variables
+`PIPELINE_*` < CLI flags), handed whole to the flow, to every step and, as a JSON file,
+to every Horovod rank. Nothing else parses options.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated
+from urllib.parse import urlparse
+
+from pydantic import AfterValidator, Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from pipeline.errors import PipelineError
+
+DEFAULT_MIRRORS = [
+    "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",
+    "https://raw.githubusercontent.com/zalandoresearch/fashion-mnist/master/data/fashion/",
+    "file:///usr/share/datasets/fashion-mnist/",
+]
+
+MIRROR_SCHEMES = ("http", "https", "file")
+STORE_SCHEMES = ("file", "s3")
+# Horovod host syntax: "host:slots" items separated by commas, e.g. "localhost:2,node2:4".
+_HOSTS_RE = re.compile(r"^[A-Za-z0-9_.\-]+:[1-9][0-9]*(,[A-Za-z0-9_.\-]+:[1-9][0-9]*)*$")
+
+
+class ConfigError(PipelineError, ValueError):
+    """A configuration value that cannot work; the message says which and why."""
+
+
+def _check_mirror(uri: str) -> str:
+    scheme = urlparse(uri).scheme
+    if scheme not in MIRROR_SCHEMES:
+        raise ValueError(
+            f"mirror {uri!r} has unsupported scheme {scheme!r}; use one of {MIRROR_SCHEMES}"
+        )
+    return uri if uri.endswith("/") else uri + "/"
+
+
+def _check_store(uri: str) -> str:
+    scheme = urlparse(uri).scheme
+    if scheme not in STORE_SCHEMES:
+        raise ValueError(
+            f"artifact store {uri!r} has unsupported scheme {scheme!r}; "
+            "use file://PATH or s3://BUCKET/PREFIX"
+        )
+    if scheme == "s3" and not urlparse(uri).netloc:
+        raise ValueError(f"artifact store {uri!r} names no bucket; use s3://BUCKET/PREFIX")
+    return uri.rstrip("/")
+
+
+def _check_hosts(hosts: str | None) -> str | None:
+    if hosts is not None and not _HOSTS_RE.match(hosts):
+        raise ValueError(
+            f"hosts {hosts!r} is not Horovod host syntax; expected HOST:SLOTS[,HOST:SLOTS...], "
+            "e.g. localhost:2"
+        )
+    return hosts
+
+
+MirrorURI = Annotated[str, AfterValidator(_check_mirror)]
+StoreURI = Annotated[str, AfterValidator(_check_store)]
+
+
+class PipelineConfig(BaseSettings):
+    """Every knob of the pipeline. Field descriptions are the CLI's help text."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="PIPELINE_", extra="forbid", validate_assignment=True, frozen=False
+    )
+
+    # --- dataset ---
+    mirrors: list[MirrorURI] = Field(
+        default_factory=lambda: list(DEFAULT_MIRRORS),
+        description="ordered download mirrors (http://, https://, file://); each file is tried "
+        "on each mirror in turn until one serves bytes that match the pinned SHA-256",
+    )
+    data_dir: Path = Field(
+        default=Path("~/.cache/fashion-pipeline/fashion-mnist").expanduser(),
+        description="dataset cache directory; verified files are kept here and reused",
+    )
+    offline: bool = Field(
+        default=False, description="use only the dataset cache; never contact a mirror"
+    )
+    download_timeout: float = Field(
+        default=10.0, gt=0, description="connect and read timeout per request, seconds"
+    )
+    download_retries: int = Field(
+        default=2, ge=0, le=10, description="retries per file per mirror, with backoff"
+    )
+
+    # --- training (the seed's hyper-parameters) ---
+    epochs: int = Field(default=5, ge=1, description="training epochs")
+    batch_size: int = Field(
+        default=256, ge=1, description="global batch size, split across the Horovod processes"
+    )
+    lr: float = Field(default=0.1, gt=0, description="SGD learning rate")
+    init_sigma: float = Field(
+        default=0.01, gt=0, description="std-dev of the Normal weight initialisation"
+    )
+    seed: int = Field(default=0, ge=0, description="random seed (init and shuffling)")
+    validation_fraction: float = Field(
+        default=0.0,
+        ge=0.0,
+        lt=0.5,
+        description="fraction of the training set held out for validation; when > 0 the best "
+        "epoch by validation accuracy is kept as the model",
+    )
+    num_proc: int = Field(default=1, ge=1, description="number of Horovod processes (ranks)")
+    hosts: Annotated[str | None, AfterValidator(_check_hosts)] = Field(
+        default=None,
+        description="Horovod hosts HOST:SLOTS[,...]; default localhost:NUM_PROC",
+    )
+    hostfile: Path | None = Field(
+        default=None, description="Horovod hostfile (one 'host slots=N' per line)"
+    )
+    resume: bool = Field(
+        default=False, description="resume training from the run's last complete checkpoint"
+    )
+
+    # --- artifacts and quality gate ---
+    work_dir: Path = Field(
+        default=Path("work"),
+        description="local staging directory; each run works in WORK_DIR/RUN_ID",
+    )
+    artifact_store: StoreURI = Field(
+        default="file://artifacts",
+        description="where runs are published: file://PATH or s3://BUCKET/PREFIX",
+    )
+    s3_endpoint_url: str | None = Field(
+        default=None,
+        description="S3-compatible endpoint (else boto3's own AWS_ENDPOINT_URL / profile)",
+    )
+    create_bucket: bool = Field(
+        default=False, description="create the S3 bucket if it does not exist"
+    )
+    min_test_accuracy: float = Field(
+        default=0.80,
+        ge=0.0,
+        le=1.0,
+        description="quality gate: runs below this test accuracy are stored but never "
+        "promoted to latest, and the flow run fails",
+    )
+    run_id: str | None = Field(
+        default=None,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$",
+        description="run id; default: a new UTC timestamp-based id",
+    )
+
+    @model_validator(mode="after")
+    def _consistent(self) -> PipelineConfig:
+        if self.num_proc > self.batch_size:
+            raise ValueError(
+                f"num_proc={self.num_proc} is larger than batch_size={self.batch_size}: "
+                "every process needs at least one sample per batch"
+            )
+        if self.hosts is not None:
+            slots = sum(int(item.split(":")[1]) for item in self.hosts.split(","))
+            if slots < self.num_proc:
+                raise ValueError(
+                    f"hosts {self.hosts!r} offer {slots} slots, fewer than num_proc={self.num_proc}"
+                )
+        if not self.mirrors and not self.offline:
+            raise ValueError("no mirrors configured; give at least one or use offline mode")
+        return self
+
+    def run_dir(self) -> Path:
+        """The local working directory of this run (staging for publish)."""
+        if self.run_id is None:
+            raise ConfigError("run_id is not set yet; the flow assigns one at start")
+        return self.work_dir / self.run_id

@@ -1,0 +1,486 @@
+"""Tests of the train step: real Fashion-MNIST, real `horovodrun --gloo` with 1 and 2 ranks.
+
+Trainings are shared through module-scoped fixtures (the machine has two cores); the pure core
+(shards, batches, permutations, split, context choice, output parsing) needs no horovodrun.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from urllib.parse import urlparse
+from urllib.request import url2pathname
+
+import mxnet as mx
+import numpy as np
+import psutil
+import pytest
+from pydantic import ValidationError
+
+from pipeline.config import ConfigError, PipelineConfig
+from tasks.dataset import load_dataset, prepare_dataset
+from tasks.train import (
+    TrainingError,
+    best_epoch,
+    epoch_permutation,
+    failure_message,
+    global_batches,
+    parse_output_line,
+    select_context,
+    shard_bounds,
+    split_validation,
+    threads_per_rank,
+    train,
+    train_summary,
+)
+
+DEBIAN_MIRROR = "file:///usr/share/datasets/fashion-mnist/"
+DEADLINE_S = 300  # bound of every wait on a training process
+
+
+def run_config(work_dir: Path, run_id: str, **overrides) -> PipelineConfig:
+    return PipelineConfig(work_dir=work_dir, run_id=run_id, mirrors=[DEBIAN_MIRROR], **overrides)
+
+
+def path_of(uri: str) -> Path:
+    return Path(url2pathname(urlparse(uri).path))
+
+
+def parameters(run_dir: Path, name: str = "model.params") -> dict[str, np.ndarray]:
+    return {
+        key: value.asnumpy() for key, value in mx.nd.load(str(run_dir / "model" / name)).items()
+    }
+
+
+def history(run_dir: Path) -> list[dict]:
+    return [
+        json.loads(line) for line in (run_dir / "metrics" / "train.jsonl").read_text().splitlines()
+    ]
+
+
+def rank_processes(run_dir: Path) -> list[psutil.Process]:
+    """The live `python -m tasks.train` rank processes of this run directory."""
+    found = []
+    for process in psutil.process_iter(["cmdline", "status"]):
+        cmdline = process.info["cmdline"] or []
+        if (
+            cmdline[1:3] == ["-m", "tasks.train"]
+            and str(run_dir) in cmdline
+            and process.info["status"] != psutil.STATUS_ZOMBIE
+        ):
+            found.append(process)
+    return found
+
+
+def wait_until_no_ranks(run_dir: Path, timeout_s: float = 15) -> list[psutil.Process]:
+    deadline = time.monotonic() + timeout_s
+    while (left := rank_processes(run_dir)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return left
+
+
+class Capture(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+# ----------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def data_uri(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A verified dataset cache filled by the dataset step from the Debian copy."""
+    cache = tmp_path_factory.mktemp("data")
+    return prepare_dataset(PipelineConfig(mirrors=[DEBIAN_MIRROR], data_dir=cache))
+
+
+@pytest.fixture(scope="module")
+def work_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("work")
+
+
+@pytest.fixture(scope="module")
+def np1_run(work_dir: Path, data_uri: str) -> Path:
+    return path_of(train(run_config(work_dir, "np1", num_proc=1, epochs=2), data_uri))
+
+
+@pytest.fixture(scope="module")
+def np2_run(work_dir: Path, data_uri: str) -> tuple[Path, list[str]]:
+    """Two epochs at two ranks, with the launcher's log lines (no Prefect context here)."""
+    capture = Capture()
+    logger = logging.getLogger("tasks.train")
+    logger.addHandler(capture)
+    old_level = logger.level
+    logger.setLevel(logging.DEBUG)
+    try:
+        uri = train(run_config(work_dir, "np2", num_proc=2, epochs=2), data_uri)
+    finally:
+        logger.removeHandler(capture)
+        logger.setLevel(old_level)
+    return path_of(uri), capture.messages
+
+
+@pytest.fixture(scope="module")
+def np2_again(work_dir: Path, data_uri: str) -> Path:
+    return path_of(train(run_config(work_dir, "np2-again", num_proc=2, epochs=2), data_uri))
+
+
+@pytest.fixture(scope="module")
+def five_epochs(work_dir: Path, data_uri: str) -> Path:
+    """The seed's full recipe (5 epochs) at two ranks, uninterrupted."""
+    return path_of(train(run_config(work_dir, "five", num_proc=2, epochs=5), data_uri))
+
+
+# ----------------------------------------------------------------------------- real trainings
+
+
+def test_one_and_two_ranks_train_the_same_model(np1_run: Path, np2_run) -> None:
+    np2_dir, _ = np2_run
+    one, two = parameters(np1_run), parameters(np2_dir)
+    assert one.keys() == two.keys()
+    for name in one:
+        np.testing.assert_allclose(one[name], two[name], rtol=0, atol=1e-5, err_msg=name)
+    for first, second in zip(history(np1_run), history(np2_dir), strict=True):
+        assert first["train_accuracy"] == pytest.approx(second["train_accuracy"], abs=1e-3)
+        assert first["test_accuracy"] == pytest.approx(second["test_accuracy"], abs=1e-3)
+        assert first["loss"] == pytest.approx(second["loss"], rel=1e-4)
+
+
+def test_same_seed_and_ranks_give_bit_identical_parameters(np2_run, np2_again: Path) -> None:
+    np2_dir, _ = np2_run
+    for name in ("model.params", "model-0000.params"):
+        first, second = parameters(np2_dir, name), parameters(np2_again, name)
+        assert first.keys() == second.keys()
+        for key in first:
+            assert np.array_equal(first[key], second[key]), f"{name}: {key} differs"
+
+
+def test_run_directory_holds_the_layout(np2_run, data_uri: str) -> None:
+    run_dir, _ = np2_run
+    config = PipelineConfig.model_validate_json((run_dir / "config.json").read_text())
+    assert (config.num_proc, config.epochs, config.run_id) == (2, 2, "np2")
+
+    records = history(run_dir)
+    assert [record["epoch"] for record in records] == [1, 2]
+    for record in records:
+        assert set(record) == {"epoch", "loss", "train_accuracy", "test_accuracy", "seconds"}
+        assert record["seconds"] > 0
+    summary = json.loads((run_dir / "metrics" / "train.json").read_text())
+    assert summary == {
+        "epochs": 2,
+        "train_accuracy": records[-1]["train_accuracy"],
+        "test_accuracy": records[-1]["test_accuracy"],
+        "val_accuracy": None,
+        "best_epoch": 2,
+        "num_proc": 2,
+        "seconds": pytest.approx(sum(record["seconds"] for record in records), abs=1e-3),
+    }
+    assert (run_dir / "checkpoints" / "latest.json").exists()
+
+    # The exported model loads without our classes and scores what the train step reported.
+    net = mx.gluon.SymbolBlock.imports(
+        str(run_dir / "model" / "model-symbol.json"),
+        ["data"],
+        str(run_dir / "model" / "model-0000.params"),
+    )
+    data = load_dataset(data_uri)
+    images = mx.nd.array(data.test_images.reshape(-1, 784).astype(np.float32) / 255)
+    predicted = net(images).argmax(axis=1).asnumpy()
+    assert (predicted == data.test_labels).mean() == pytest.approx(summary["test_accuracy"])
+
+
+def test_rank_zero_epoch_lines_reach_the_step_log(np2_run) -> None:
+    _, messages = np2_run
+    epoch_lines = [message for message in messages if message.startswith("epoch ")]
+    assert len(epoch_lines) == 2
+    assert epoch_lines[0].startswith("epoch 1/2: loss ")
+
+
+@pytest.mark.slow
+def test_five_epochs_reach_the_seed_accuracy(five_epochs: Path) -> None:
+    summary = json.loads((five_epochs / "metrics" / "train.json").read_text())
+    assert summary["epochs"] == 5
+    assert summary["train_accuracy"] >= 0.83
+    assert summary["test_accuracy"] >= 0.81
+
+
+def _kill_rank_one_after_first_epoch(run_dir: Path, outcome: dict) -> None:
+    """SIGKILL rank 1 as soon as epoch 1 is reported (bounded in time)."""
+    jsonl = run_dir / "metrics" / "train.jsonl"
+    deadline = time.monotonic() + DEADLINE_S
+    rank_one = None
+    while time.monotonic() < deadline:
+        if rank_one is None:
+            for process in rank_processes(run_dir):
+                try:
+                    if process.environ().get("HOROVOD_RANK") == "1":
+                        rank_one = process
+                except (psutil.NoSuchProcess, psutil.AccessDenied):
+                    pass  # not (or no longer) a rank of ours
+        if rank_one is not None and jsonl.exists() and jsonl.read_text().strip():
+            rank_one.send_signal(signal.SIGKILL)
+            outcome["killed"] = True
+            return
+        time.sleep(0.005 if rank_one is not None else 0.1)
+    outcome["killed"] = False
+
+
+def test_killed_rank_fails_the_step_and_resume_ends_with_the_uninterrupted_model(
+    work_dir: Path, data_uri: str, five_epochs: Path
+) -> None:
+    config = run_config(work_dir, "killed", num_proc=2, epochs=5)
+    run_dir = config.run_dir().resolve()
+    outcome: dict = {}
+    killer = threading.Thread(target=_kill_rank_one_after_first_epoch, args=(run_dir, outcome))
+    killer.start()
+    try:
+        with pytest.raises(TrainingError, match=r"rank 1 exited with status 137 \(SIGKILL\)"):
+            train(config, data_uri)
+    finally:
+        killer.join(DEADLINE_S)
+    assert outcome["killed"]
+    assert wait_until_no_ranks(run_dir) == [], "ranks outlived the failed step"
+    pointer = json.loads((run_dir / "checkpoints" / "latest.json").read_text())
+    assert 1 <= pointer["epoch"] < 5, "the kill did not land inside the run"
+
+    resumed = path_of(train(config.model_copy(update={"resume": True}), data_uri))
+    assert [record["epoch"] for record in history(resumed)] == [1, 2, 3, 4, 5]
+    uninterrupted, after_resume = parameters(five_epochs), parameters(resumed)
+    for key in uninterrupted:
+        assert np.array_equal(uninterrupted[key], after_resume[key]), key
+
+
+def test_validation_split_keeps_the_best_epoch(work_dir: Path, data_uri: str) -> None:
+    config = run_config(work_dir, "val", num_proc=1, epochs=3, validation_fraction=0.1)
+    run_dir = path_of(train(config, data_uri))
+    records = history(run_dir)
+    assert all("val_accuracy" in record for record in records)
+    summary = json.loads((run_dir / "metrics" / "train.json").read_text())
+    best = max(records, key=lambda record: (record["val_accuracy"], -record["epoch"]))
+    assert summary["best_epoch"] == best["epoch"]
+    assert summary["val_accuracy"] == best["val_accuracy"]
+    kept = mx.nd.load(str(run_dir / "checkpoints" / f"epoch-{best['epoch']:04d}.params"))
+    for key, value in parameters(run_dir).items():
+        assert np.array_equal(value, kept[key].asnumpy()), key
+
+
+def test_a_rank_error_is_reported_with_its_stderr_lines(work_dir: Path, tmp_path: Path) -> None:
+    empty_cache = tmp_path / "no-data"
+    empty_cache.mkdir()
+    config = run_config(work_dir, "no-data", num_proc=2, epochs=1)
+    with pytest.raises(TrainingError, match=r"(?s)rank \d exited with status 1;.*error: .*no-data"):
+        train(config, empty_cache.as_uri())
+    assert wait_until_no_ranks(config.run_dir().resolve()) == []
+
+
+def test_an_interrupted_launcher_leaves_no_ranks_behind(work_dir: Path, data_uri: str) -> None:
+    config = run_config(work_dir, "interrupted", num_proc=2, epochs=200)
+    run_dir = config.run_dir().resolve()
+    script = (
+        "import sys; from pipeline.config import PipelineConfig; from tasks.train import train; "
+        "train(PipelineConfig.model_validate_json(sys.argv[1]), sys.argv[2])"
+    )
+    launcher = subprocess.Popen([sys.executable, "-c", script, config.model_dump_json(), data_uri])
+    try:
+        deadline = time.monotonic() + DEADLINE_S
+        jsonl = run_dir / "metrics" / "train.jsonl"
+        while not (jsonl.exists() and jsonl.read_text().strip()):
+            assert time.monotonic() < deadline, "no epoch finished in time"
+            assert launcher.poll() is None, "the launcher ended before it was interrupted"
+            time.sleep(0.1)
+        assert len(rank_processes(run_dir)) == 2
+        launcher.send_signal(signal.SIGINT)  # what Ctrl-C or a cancelled run does
+        assert launcher.wait(timeout=60) != 0
+        assert wait_until_no_ranks(run_dir) == [], "ranks outlived the interrupted launcher"
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+            launcher.wait()
+        for process in rank_processes(run_dir):
+            process.kill()
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"lr": 0}, "greater than 0"),
+        ({"lr": -0.1}, "greater than 0"),
+        ({"batch_size": 0}, "greater than or equal to 1"),
+        ({"num_proc": 4, "batch_size": 2}, "num_proc=4 is larger than batch_size=2"),
+        ({"hosts": "localhost"}, "not Horovod host syntax"),
+        ({"hosts": "localhost:2", "num_proc": 3}, "fewer than num_proc=3"),
+    ],
+)
+def test_bad_training_options_are_rejected_by_the_config(overrides: dict, message: str) -> None:
+    with pytest.raises(ValidationError, match=message):
+        PipelineConfig(**overrides)
+
+
+def _assert_nothing_started(config: PipelineConfig) -> None:
+    assert not config.run_dir().exists()
+    launched = [
+        child
+        for child in psutil.Process().children(recursive=True)
+        if any("horovodrun" in part for part in child.cmdline())
+    ]
+    assert launched == []
+
+
+@pytest.mark.parametrize(
+    ("hostfile_text", "message"),
+    [
+        (None, "hostfile .* does not exist"),
+        ("node1\n", "expected lines 'HOST slots=N'"),
+        ("localhost slots=1\n", "Requested more processes"),
+    ],
+)
+def test_bad_hostfile_fails_before_any_process_starts(
+    tmp_path: Path, hostfile_text: str | None, message: str
+) -> None:
+    hostfile = tmp_path / "hostfile"
+    if hostfile_text is not None:
+        hostfile.write_text(hostfile_text)
+    config = run_config(tmp_path / "work", "bad-hostfile", num_proc=2, hostfile=hostfile)
+    with pytest.raises(ConfigError, match=message):
+        train(config, "file:///nowhere")
+    _assert_nothing_started(config)
+
+
+def test_resume_without_checkpoint_fails_before_any_process_starts(tmp_path: Path) -> None:
+    config = run_config(tmp_path / "work", "never-ran", resume=True)
+    with pytest.raises(ConfigError, match=r"holds no complete checkpoint"):
+        train(config, "file:///nowhere")
+    _assert_nothing_started(config)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"epochs": 3, "lr": 0.2}, r"was trained with .*'lr': 0\.1"),
+        ({"epochs": 1}, r"is after epoch 2, beyond epochs=1"),
+    ],
+)
+def test_resume_that_cannot_continue_the_checkpoint_is_refused(
+    work_dir: Path, np1_run: Path, overrides: dict, message: str
+) -> None:
+    config = run_config(work_dir, "np1", num_proc=1, resume=True, **overrides)
+    with pytest.raises(ConfigError, match=message):
+        train(config, "file:///nowhere")
+    assert len(history(np1_run)) == 2  # untouched
+
+
+# ----------------------------------------------------------------------------- pure core
+
+
+@pytest.mark.parametrize("num_samples", [0, 1, 7, 96, 128, 255, 256])
+@pytest.mark.parametrize("num_ranks", [1, 2, 3, 8])
+def test_shards_cut_like_numpy_array_split(num_samples: int, num_ranks: int) -> None:
+    samples = np.arange(num_samples)
+    expected = np.array_split(samples, num_ranks)
+    for rank in range(num_ranks):
+        lo, hi = shard_bounds(num_samples, num_ranks, rank)
+        assert np.array_equal(samples[lo:hi], expected[rank])
+
+
+def test_global_batches_cover_the_epoch_and_drop_a_tail_smaller_than_the_ranks() -> None:
+    assert global_batches(600, 256, 2) == [(0, 256), (256, 512), (512, 600)]
+    assert global_batches(513, 256, 2) == [(0, 256), (256, 512)]  # 1 sample for 2 ranks
+    assert global_batches(513, 256, 1) == [(0, 256), (256, 512), (512, 513)]
+    assert global_batches(60000, 256, 2)[-1] == (59904, 60000)
+    assert global_batches(3, 256, 4) == []
+
+
+def test_epoch_permutation_is_fixed_by_seed_and_epoch() -> None:
+    first = epoch_permutation(1000, seed=7, epoch=1)
+    assert np.array_equal(np.sort(first), np.arange(1000))
+    assert np.array_equal(first, epoch_permutation(1000, seed=7, epoch=1))
+    assert not np.array_equal(first, epoch_permutation(1000, seed=7, epoch=2))
+    assert not np.array_equal(first, epoch_permutation(1000, seed=8, epoch=1))
+
+
+def test_validation_split_is_a_fixed_disjoint_hold_out() -> None:
+    train_idx, val_idx = split_validation(1000, 0.1, seed=3)
+    assert len(val_idx) == 100
+    assert np.array_equal(np.sort(np.concatenate([train_idx, val_idx])), np.arange(1000))
+    again_train, again_val = split_validation(1000, 0.1, seed=3)
+    assert np.array_equal(val_idx, again_val) and np.array_equal(train_idx, again_train)
+    assert not np.array_equal(val_idx, split_validation(1000, 0.1, seed=4)[1])
+    assert len(split_validation(1000, 0.0, seed=3)[1]) == 0
+    assert len(split_validation(1000, 1e-9, seed=3)[1]) == 1
+
+
+def test_context_is_one_gpu_per_local_rank_else_the_cpu() -> None:
+    assert select_context(num_gpus=0, local_rank=3) == mx.cpu()
+    assert select_context(num_gpus=4, local_rank=0) == mx.gpu(0)
+    assert select_context(num_gpus=4, local_rank=3) == mx.gpu(3)
+    with pytest.raises(TrainingError, match="local rank 2 has no GPU: this host has 2"):
+        select_context(num_gpus=2, local_rank=2)
+
+
+def test_ranks_of_a_host_share_its_cores() -> None:
+    assert threads_per_rank(cpu_count=16, ranks_per_host=4, useful_threads=8) == 4
+    assert threads_per_rank(cpu_count=16, ranks_per_host=1, useful_threads=8) == 8
+    assert threads_per_rank(cpu_count=2, ranks_per_host=3, useful_threads=8) == 1
+    assert threads_per_rank(cpu_count=64, ranks_per_host=2) == 1  # the seed model: one is best
+
+
+def test_kept_epoch_is_the_best_validation_epoch_else_the_last() -> None:
+    plain = [{"epoch": 1}, {"epoch": 2}]
+    assert best_epoch(plain) == 2
+    validated = [
+        {"epoch": 1, "val_accuracy": 0.5, "train_accuracy": 0.4, "test_accuracy": 0.45},
+        {"epoch": 2, "val_accuracy": 0.8, "train_accuracy": 0.7, "test_accuracy": 0.75},
+        {"epoch": 3, "val_accuracy": 0.8, "train_accuracy": 0.9, "test_accuracy": 0.76},
+    ]
+    for record in validated:
+        record["seconds"] = 1.5
+    assert best_epoch(validated) == 2  # ties keep the earlier epoch
+    assert train_summary(validated, num_proc=2) == {
+        "epochs": 3,
+        "train_accuracy": 0.7,
+        "test_accuracy": 0.75,
+        "val_accuracy": 0.8,
+        "best_epoch": 2,
+        "num_proc": 2,
+        "seconds": 4.5,
+    }
+
+
+def test_horovodrun_lines_are_split_into_rank_stream_and_text() -> None:
+    assert parse_output_line("[1]<stderr>:Killed") == (1, "stderr", "Killed")
+    assert parse_output_line("[12]<stdout>:epoch 1/5: x") == (12, "stdout", "epoch 1/5: x")
+    assert parse_output_line("Process 1 exit with status code 137.") == (
+        None,
+        None,
+        "Process 1 exit with status code 137.",
+    )
+
+
+def test_failure_message_names_the_first_failed_rank_and_its_stderr() -> None:
+    # The exact lines a real `horovodrun --gloo` printed when rank 1 was SIGKILLed.
+    launcher_lines = [
+        "Process 1 exit with status code 137.",
+        "Terminating remaining workers after failure of Process 1.",
+        "Process 0 exit with status code 143.",
+    ]
+    tails = {0: ["Terminated"], 1: ["Killed"]}
+    message = failure_message(1, tails, launcher_lines)
+    assert message.startswith("training failed: rank 1 exited with status 137 (SIGKILL)")
+    assert message.endswith("last stderr lines of rank 1:\n  Killed")
+    no_rank = failure_message(2, {}, ["usage: horovodrun ...", "error: bad -H"])
+    assert no_rank == (
+        "horovodrun exited with status 2; its last lines:\n  usage: horovodrun ...\n  error: bad -H"
+    )
