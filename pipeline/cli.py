@@ -40,11 +40,17 @@ TRAIN_FIELDS = (
     "num_proc",
     "hosts",
     "hostfile",
+    "worker_index",
+    "rendezvous_port",
     "resume",
 )
 STORE_FIELDS = ("artifact_store", "s3_endpoint_url", "create_bucket")
 RUN_FIELDS = (
-    DATA_FIELDS + TRAIN_FIELDS + ("work_dir",) + STORE_FIELDS + ("min_test_accuracy", "run_id")
+    DATA_FIELDS
+    + TRAIN_FIELDS
+    + ("work_dir",)
+    + STORE_FIELDS
+    + ("min_test_accuracy", "step_runner", "step_deployment", "run_id")
 )
 
 
@@ -97,18 +103,63 @@ def cmd_run(args: argparse.Namespace) -> int:
     config = _config_from(args)
     preflight(config)  # bad input fails here, as one line, before Prefect starts a flow run
     summary = training_pipeline(config=config)
+    if summary is None:
+        print(f"host {config.worker_index}: contributed its Horovod ranks; host 0 publishes")
+        return 0
+    train_accuracy = "n/a" if summary.train_accuracy is None else f"{summary.train_accuracy:.4f}"
     print()
     print(f"run {summary.run_id}")
-    print(f"  train accuracy  {summary.train_accuracy:.4f}  (after epoch {config.epochs})")
+    print(f"  train accuracy  {train_accuracy}  (after epoch {config.epochs})")
     print(
         f"  test accuracy   {summary.test_accuracy:.4f}  (gate >= {summary.gate_threshold:.2f}: "
         f"{'passed' if summary.gate_passed else 'FAILED'})"
     )
     print(f"  published       {summary.published_uri}")
-    print(f"  local run dir   {summary.run_dir_uri}")
     steps = ", ".join(f"{name} {sec:.1f}s" for name, sec in summary.step_seconds.items())
     print(f"  step times      {steps}")
     return 0
+
+
+def cmd_step(args: argparse.Namespace) -> int:
+    from pipeline.flow import step_call
+
+    config = _config_from(args)
+    if config.run_id is None and args.step != "dataset":
+        print("error: --run-id is required: it names the run the steps share", file=sys.stderr)
+        return EXIT_USAGE
+    step_task, step_args = step_call(args.step, config, args.data_uri, args.run_dir_uri)
+    print(step_task.fn(*step_args))  # the step's output URI, the only line on stdout
+    return 0
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from pipeline.sweep import hyperparameter_sweep
+
+    result = hyperparameter_sweep(
+        grid=dict(args.grid), config=_config_from(args), max_parallel=args.max_parallel
+    )
+    print()
+    for trial in result.trials:
+        mark = "  <- best (by validation)" if trial.run_id == result.best.run_id else ""
+        params = " ".join(f"{k}={v}" for k, v in trial.params.items())
+        print(
+            f"{params:40} val {trial.val_accuracy:.4f}  test {trial.test_accuracy:.4f}  "
+            f"{trial.run_id}{mark}"
+        )
+    print(f"comparison plot: {result.plot}")
+    return 0
+
+
+def _grid_item(text: str) -> tuple[str, list[float]]:
+    name, _, values = text.partition("=")
+    if name not in ("lr", "batch_size", "epochs") or not values:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: expected lr=V1,V2,... or batch_size=... or epochs=..."
+        )
+    try:
+        return name, [float(v) for v in values.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: values must be numbers") from None
 
 
 def cmd_dataset(args: argparse.Namespace) -> int:
@@ -226,6 +277,33 @@ def build_parser() -> argparse.ArgumentParser:
         "run the whole pipeline (dataset -> train -> evaluate -> publish) as a Prefect flow",
         RUN_FIELDS,
     )
+    step = command(
+        "step",
+        cmd_step,
+        "run one step alone and print its output URI (each step can run in its own container: "
+        "they share only the dataset cache, the work dir and the artifact store)",
+        RUN_FIELDS,
+    )
+    step.add_argument("step", choices=["dataset", "train", "evaluate", "publish"])
+    step.add_argument("--data-uri", help="dataset cache URI (default: from --data-dir)")
+    step.add_argument(
+        "--run-dir-uri", help="run directory URI (default: WORK_DIR/RUN_ID from --work-dir)"
+    )
+    sweep = command(
+        "sweep",
+        cmd_sweep,
+        "train every point of a hyper-parameter grid and name the best by validation accuracy",
+        RUN_FIELDS,
+    )
+    sweep.add_argument(
+        "--grid",
+        type=_grid_item,
+        action="append",
+        required=True,
+        metavar="NAME=V1,V2",
+        help="a swept parameter and its values (lr, batch_size, epochs); repeat per parameter",
+    )
+    sweep.add_argument("--max-parallel", type=int, default=2, help="trainings at once (default 2)")
     command(
         "dataset",
         cmd_dataset,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 from urllib.parse import urlparse
 
 from pydantic import AfterValidator, Field, model_validator
@@ -119,6 +119,16 @@ class PipelineConfig(BaseSettings):
     hostfile: Path | None = Field(
         default=None, description="Horovod hostfile (one 'host slots=N' per line)"
     )
+    worker_index: int | None = Field(
+        default=None,
+        ge=0,
+        description="multi-host training without ssh (Kubernetes Indexed Job): this host's index "
+        "in --hosts; index 0 hosts Horovod's Gloo rendezvous, the others join it. Unset: "
+        "horovodrun launches every rank",
+    )
+    rendezvous_port: int = Field(
+        default=29400, ge=1, le=65535, description="port of the Gloo rendezvous on host 0"
+    )
     resume: bool = Field(
         default=False, description="resume training from the run's last complete checkpoint"
     )
@@ -146,6 +156,16 @@ class PipelineConfig(BaseSettings):
         description="quality gate: runs below this test accuracy are stored but never "
         "promoted to latest, and the flow run fails",
     )
+    step_runner: Literal["inline", "deployments"] = Field(
+        default="inline",
+        description="inline: every step runs in this flow run's process; deployments: each "
+        "step runs as its own flow run of --step-deployment (e.g. its own container on a "
+        "Prefect docker work pool)",
+    )
+    step_deployment: str = Field(
+        default="pipeline-step/step-docker",
+        description="the per-step deployment (FLOW/DEPLOYMENT) that --step-runner deployments uses",
+    )
     run_id: str | None = Field(
         default=None,
         pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$",
@@ -165,6 +185,13 @@ class PipelineConfig(BaseSettings):
                 raise ValueError(
                     f"hosts {self.hosts!r} offer {slots} slots, fewer than num_proc={self.num_proc}"
                 )
+        if self.worker_index is not None:
+            if self.hosts is None:
+                raise ValueError("worker_index needs hosts: every host of the job, in index order")
+            if self.worker_index >= len(self.hosts.split(",")):
+                raise ValueError(
+                    f"worker_index={self.worker_index} is outside hosts {self.hosts!r}"
+                )
         if not self.mirrors and not self.offline:
             raise ValueError("no mirrors configured; give at least one or use offline mode")
         return self
@@ -174,3 +201,13 @@ class PipelineConfig(BaseSettings):
         if self.run_id is None:
             raise ConfigError("run_id is not set yet; the flow assigns one at start")
         return self.work_dir / self.run_id
+
+    # The URIs the steps exchange are functions of the config, so a step started on its own
+    # (its own container, its own Kubernetes job) finds its inputs without being told.
+    def data_uri(self) -> str:
+        """The dataset cache the dataset step fills."""
+        return self.data_dir.expanduser().resolve().as_uri()
+
+    def run_dir_uri(self) -> str:
+        """The run directory the train step fills and evaluate and publish read."""
+        return self.run_dir().resolve().as_uri()

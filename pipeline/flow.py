@@ -1,8 +1,8 @@
-"""The Prefect flow: dataset -> train -> evaluate -> publish.
+"""The Prefect flows: the pipeline (dataset -> train -> evaluate -> publish) and one step alone.
 
 Steps exchange only URIs (the dataset cache, the run directory, the published run), so each
 can run in its own process, container or Kubernetes job. Orchestration concerns (retries,
-caching, timeouts) live here; the steps in `tasks/` know nothing of Prefect's decorators.
+caching) live here; the steps in `tasks/` know nothing of Prefect's decorators.
 """
 
 from __future__ import annotations
@@ -10,32 +10,39 @@ from __future__ import annotations
 import time
 import uuid
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Literal
 
-from prefect import flow, task
+from prefect import Task, flow, task
+from prefect.client.schemas.objects import TaskRun
 from prefect.context import TaskRunContext
+from prefect.deployments import run_deployment
+from prefect.states import State
 from pydantic import BaseModel
 
 from pipeline.config import PipelineConfig
 from pipeline.errors import PipelineError
-from pipeline.store import open_store
+from pipeline.store import ConflictError, IntegrityError, open_store
 from tasks import dataset, evaluate, publish, train
+
+StepName = Literal["dataset", "train", "evaluate", "publish"]
 
 
 class QualityGateFailed(PipelineError):
     """The model missed the quality gate; it is stored but not promoted to latest."""
 
 
+class StepFailed(PipelineError):
+    """A step run as its own flow run (its own container) did not complete."""
+
+
 class RunSummary(BaseModel):
     """What a run produced, as the flow returns it and `pipeline run` prints it."""
 
     run_id: str
-    train_accuracy: float
+    train_accuracy: float | None
     test_accuracy: float
     gate_threshold: float
     gate_passed: bool
-    data_uri: str
-    run_dir_uri: str
     published_uri: str
     step_seconds: dict[str, float]
 
@@ -45,9 +52,16 @@ def new_run_id() -> str:
     return f"{datetime.now(UTC):%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:6]}"
 
 
+def with_run_id(config: PipelineConfig) -> PipelineConfig:
+    return config.model_copy(update={"run_id": config.run_id or new_run_id()})
+
+
 def preflight(config: PipelineConfig) -> None:
     """Fail on what would fail late: before the dataset and an hour of training, not at publish."""
     open_store(config.artifact_store, config).ensure_writable()
+
+
+# --- the steps as Prefect tasks -------------------------------------------------------------
 
 
 def _dataset_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
@@ -56,68 +70,143 @@ def _dataset_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> s
     return dataset.cache_key(parameters["config"])
 
 
-@task(
-    name="dataset",
-    retries=2,
-    retry_delay_seconds=5,
-    cache_key_fn=_dataset_cache_key,
-    log_prints=True,
-)
+def _worth_retrying(task: Task, task_run: TaskRun, state: State) -> bool:
+    # A lost compare-and-swap or a run id reused with other content will not change on retry.
+    try:
+        state.result()
+    except (ConflictError, IntegrityError):
+        return False
+    except Exception:
+        return True
+    return False
+
+
+@task(name="dataset", retries=2, retry_delay_seconds=5, cache_key_fn=_dataset_cache_key)
 def dataset_step(config: PipelineConfig) -> str:
     return dataset.prepare_dataset(config)
 
 
-@task(name="train", log_prints=True)
+# No retries: a retry would train from scratch; `--resume` continues from the checkpoint.
+@task(name="train")
 def train_step(config: PipelineConfig, data_uri: str) -> str:
     return train.train(config, data_uri)
 
 
-@task(name="evaluate", log_prints=True)
+@task(name="evaluate")
 def evaluate_step(config: PipelineConfig, data_uri: str, run_dir_uri: str) -> str:
     return evaluate.evaluate(config, data_uri, run_dir_uri)
 
 
-@task(name="publish", retries=2, retry_delay_seconds=10, log_prints=True)
+@task(name="publish", retries=2, retry_delay_seconds=10, retry_condition_fn=_worth_retrying)
 def publish_step(config: PipelineConfig, run_dir_uri: str, data_uri: str) -> str:
     return publish.publish(config, run_dir_uri, data_uri)
 
 
-@flow(name="training_pipeline", log_prints=True)
-def training_pipeline(config: PipelineConfig | None = None) -> RunSummary:
-    """Train, evaluate and publish the Fashion-MNIST softmax-regression model."""
-    config = config or PipelineConfig()
-    config = config.model_copy(update={"run_id": config.run_id or new_run_id()})
-    preflight(config)
-    seconds: dict[str, float] = {}
+def step_call(
+    step: StepName,
+    config: PipelineConfig,
+    data_uri: str | None = None,
+    run_dir_uri: str | None = None,
+) -> tuple[Task, tuple]:
+    """The task of `step` and its arguments; URIs not given are derived from the config."""
+    data_uri = data_uri or config.data_uri()
+    if step == "dataset":
+        return dataset_step, (config,)
+    run_dir_uri = run_dir_uri or config.run_dir_uri()
+    return {
+        "train": (train_step, (config, data_uri)),
+        "evaluate": (evaluate_step, (config, data_uri, run_dir_uri)),
+        "publish": (publish_step, (config, run_dir_uri, data_uri)),
+    }[step]
 
-    def timed(name: str, step, *args) -> str:
+
+@flow(name="pipeline-step")
+def pipeline_step(
+    step: StepName,
+    config: PipelineConfig,
+    data_uri: str | None = None,
+    run_dir_uri: str | None = None,
+) -> str:
+    """One step of the pipeline as its own flow run (a per-step deployment: its own container)."""
+    step_task, args = step_call(step, config, data_uri, run_dir_uri)
+    return step_task(*args)
+
+
+# --- running the steps: inline, or each as its own flow run ---------------------------------
+
+
+class StepRunner:
+    """Runs the steps of one pipeline run and times them.
+
+    inline: each step is a task of this flow run. deployments: each step is a flow run of
+    `config.step_deployment` (its own container on a docker or kubernetes work pool); it
+    derives its input URIs from the same config, so only the config crosses over.
+    """
+
+    def __init__(self, config: PipelineConfig) -> None:
+        self.config = config
+        self.seconds: dict[str, float] = {}
+
+    def __call__(
+        self, step: StepName, data_uri: str | None = None, run_dir_uri: str | None = None
+    ) -> str | None:
         start = time.perf_counter()
         try:
-            return step(*args)
+            if self.config.step_runner == "deployments":
+                return self._as_flow_run(step)
+            step_task, args = step_call(step, self.config, data_uri, run_dir_uri)
+            return step_task(*args)
         finally:
-            seconds[name] = round(time.perf_counter() - start, 2)
+            self.seconds[step] = round(time.perf_counter() - start, 2)
 
-    data_uri = timed("dataset", dataset_step, config)
-    run_dir_uri = timed("train", train_step, config, data_uri)
-    report_uri = timed("evaluate", evaluate_step, config, data_uri, run_dir_uri)
-    published_uri = timed("publish", publish_step, config, run_dir_uri, data_uri)
+    def _as_flow_run(self, step: StepName) -> None:
+        # Only what was set explicitly travels: paths and defaults are the worker's own.
+        overrides = self.config.model_dump(mode="json", exclude_unset=True)
+        flow_run = run_deployment(
+            self.config.step_deployment,
+            parameters={"step": step, "config": overrides},
+            timeout=None,
+        )
+        if not flow_run.state or not flow_run.state.is_completed():
+            message = flow_run.state.message if flow_run.state else "no state"
+            raise StepFailed(f"step {step} (flow run {flow_run.name}) did not complete: {message}")
+        return None
 
-    metrics = evaluate.read_metrics(report_uri)
-    summary = RunSummary(
+
+def _summary(config: PipelineConfig, seconds: dict[str, float]) -> RunSummary:
+    # Read back from the store, as any later reader would: the published manifest is the truth.
+    manifest = publish.show_run(config, config.run_id)
+    metrics = manifest["metrics"]
+    return RunSummary(
         run_id=config.run_id,
-        train_accuracy=metrics["train_accuracy"],
+        train_accuracy=metrics.get("train_accuracy"),
         test_accuracy=metrics["accuracy"],
         gate_threshold=metrics["gate"]["threshold"],
         gate_passed=metrics["gate"]["passed"],
-        data_uri=data_uri,
-        run_dir_uri=run_dir_uri,
-        published_uri=published_uri,
+        published_uri=open_store(config.artifact_store, config).child(f"runs/{config.run_id}").uri,
         step_seconds=seconds,
     )
+
+
+@flow(name="training_pipeline")
+def training_pipeline(config: PipelineConfig | None = None) -> RunSummary | None:
+    """Train, evaluate and publish the Fashion-MNIST softmax-regression model."""
+    config = with_run_id(config or PipelineConfig())
+    preflight(config)
+    step = StepRunner(config)
+
+    data_uri = step("dataset")
+    run_dir_uri = step("train", data_uri)
+    if not train.is_coordinator(config):
+        return None  # this host only contributed its Horovod ranks; host 0 goes on
+    step("evaluate", data_uri, run_dir_uri)
+    step("publish", data_uri, run_dir_uri)
+
+    summary = _summary(config, step.seconds)
     if not summary.gate_passed:
         raise QualityGateFailed(
             f"quality gate failed: test accuracy {summary.test_accuracy:.4f} < "
             f"{summary.gate_threshold:.4f}; run {summary.run_id} is stored at "
-            f"{published_uri} for inspection but was not promoted to latest"
+            f"{summary.published_uri} for inspection but was not promoted to latest"
         )
     return summary

@@ -543,7 +543,7 @@ def read_training_metrics(run_dir: Path) -> tuple[dict[str, Any] | None, list[di
     return summary, history
 
 
-def _data_uri(path: Path) -> str:
+def png_data_uri(path: Path) -> str:
     return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode("ascii")
 
 
@@ -556,7 +556,7 @@ def _create_prefect_artifacts(
     except MissingContextError:
         return  # a plain function call (CLI, tests): there is no run to attach artifacts to
     # data: URIs make the markdown artifact self-contained: the UI cannot read our files.
-    embedded = {path.name: _data_uri(path) for path in pictures}
+    embedded = {path.name: png_data_uri(path) for path in pictures}
     verdict = _gate_verdict(metrics["gate"])
     create_markdown_artifact(
         markdown=render_report(metrics, model_uri, embedded),

@@ -6,8 +6,13 @@ Pure core (tested directly, no Horovod needed): `shard_bounds`, `global_batches`
 Rank side (`python -m tasks.train --config RUN_DIR/config.json --data URI --out RUN_DIR`):
 `load_device_data`, `ScoredBatch` (the per-batch graph), `run_epoch`, `run_rank` (restore,
 train, checkpoint every epoch, write the outputs).
-Launcher: `train(config, data_uri)` validates, writes config.json, runs `horovodrun --gloo`,
-streams rank 0's output into the Prefect run log and turns a failed rank into `TrainingError`.
+Launcher: `train(config, data_uri)` validates, writes config.json, starts the ranks, streams
+rank 0's output into the Prefect run log and turns a failed rank into `TrainingError`. The
+ranks are started by `horovodrun --gloo` (which reaches other hosts over ssh), or, when
+`config.worker_index` is set, by every host itself (a Kubernetes Indexed Job: no ssh): host 0
+serves Horovod's Gloo rendezvous on `config.rendezvous_port`, each host starts its own slots of
+the same host plan with the variables horovodrun would give them, and only host 0, which holds
+rank 0 and the model, goes on to evaluate and publish (`is_coordinator`).
 
 Global-batch semantics: every epoch all ranks draw the same permutation (from seed and epoch);
 each global batch of `batch_size` samples is cut into `num_proc` contiguous shards
@@ -23,28 +28,35 @@ import argparse
 import json
 import logging
 import os
+import queue
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections import defaultdict, deque
-from collections.abc import Callable, Iterable
-from contextlib import suppress
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager, nullcontext, suppress
+from functools import partial
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import IO, Any, NamedTuple
 
 import horovod.mxnet as hvd
 import mxnet as mx
 import numpy as np
 import psutil
 from horovod.runner.common.util.hosts import (
+    SlotInfo,
     get_host_assignments,
     parse_host_files,
     parse_hosts,
 )
+from horovod.runner.gloo_run import create_run_env_vars, create_slot_env_vars
+from horovod.runner.http.http_server import RendezvousHandler, RendezvousHTTPServer
 from mxnet import autograd, gluon, init, nd
 from mxnet.gluon import nn
 
@@ -67,6 +79,11 @@ _SPLIT_STREAM, _SHUFFLE_STREAM = 0, 1
 # horovodrun prefixes every rank line with "[RANK]<stdout>:" or "[RANK]<stderr>:".
 _RANK_LINE_RE = re.compile(r"^\[(\d+)\]<(stdout|stderr)>:(.*)$")
 _RANK_EXIT_RE = re.compile(r"^Process (\d+) exit with status code (-?\d+)\.")
+# How long a host of a rendezvous job (worker_index set) waits for the others: for host 0's
+# rendezvous to answer, and (as Gloo's timeout) for every rank to join. Pods of one Job start
+# minutes apart at worst (image pulls, the dataset step); a host that never comes fails the job.
+RENDEZVOUS_TIMEOUT_S = 120.0
+RENDEZVOUS_RETRY_S = 1.0
 
 log = logging.getLogger("tasks.train")
 
@@ -479,7 +496,7 @@ def _write_outputs(
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of one rank (started by horovodrun)."""
+    """Entry point of one rank (started by horovodrun or by `run_host_ranks`)."""
     parser = argparse.ArgumentParser(description="One Horovod rank of the train step.")
     parser.add_argument("--config", type=Path, required=True, help="the run's config.json")
     parser.add_argument("--data", required=True, help="dataset cache URI")
@@ -498,8 +515,15 @@ def main(argv: list[str] | None = None) -> int:
 # ----------------------------------------------------------------------------- launcher
 
 
-def ranks_per_host(config: PipelineConfig) -> int:
-    """The most ranks horovodrun places on one host (hosts are filled in order)."""
+def is_coordinator(config: PipelineConfig) -> bool:
+    """Whether this host holds rank 0 and so the model, and goes on to evaluate and publish:
+    always with horovodrun (it launches every host's ranks from here), else host 0."""
+    return config.worker_index in (None, 0)
+
+
+def host_plan(config: PipelineConfig) -> list[SlotInfo]:
+    """Every rank's slot (host, rank, local and cross rank) as horovodrun assigns them, hosts
+    filled in order; a function of the config alone, so every host computes the same plan."""
     if config.hostfile is not None:
         try:
             hosts = parse_host_files(str(config.hostfile))
@@ -510,18 +534,47 @@ def ranks_per_host(config: PipelineConfig) -> int:
     else:
         hosts = config.hosts or f"localhost:{config.num_proc}"
     try:
-        slots = get_host_assignments(parse_hosts(hosts), config.num_proc, config.num_proc)
+        return get_host_assignments(parse_hosts(hosts), config.num_proc, config.num_proc)
     except ValueError as exc:
         raise ConfigError(f"hosts {hosts!r}: {exc}") from exc
-    return max(slot.local_size for slot in slots)
+
+
+def ranks_per_host(config: PipelineConfig) -> int:
+    """The most ranks placed on one host."""
+    return max(slot.local_size for slot in host_plan(config))
+
+
+def _check_rendezvous_job(config: PipelineConfig) -> None:
+    if config.hostfile is not None:
+        raise ConfigError(
+            f"hostfile {config.hostfile} cannot be used with worker_index: list the job's "
+            "hosts in hosts, in index order"
+        )
+    hosts = parse_hosts(config.hosts)
+    names = [host.hostname for host in hosts]
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise ConfigError(
+            f"hosts {config.hosts!r} lists {', '.join(repeated)} more than once: with "
+            "worker_index each entry is one host of the job"
+        )
+    slots = sum(host.slots for host in hosts)
+    if slots != config.num_proc:
+        raise ConfigError(
+            f"num_proc={config.num_proc} but hosts {config.hosts!r} offer {slots} slots: with "
+            "worker_index every slot of every host runs one rank, so they must be equal"
+        )
 
 
 def check_launchable(config: PipelineConfig) -> None:
     """Everything a user can get wrong that pydantic cannot see, before any process starts."""
+    if config.worker_index is not None:
+        _check_rendezvous_job(config)
     if config.hostfile is not None and not config.hostfile.is_file():
         raise ConfigError(f"hostfile {config.hostfile} does not exist")
     ranks_per_host(config)
-    if config.resume:
+    # Rank 0 reads the checkpoint; the other hosts of a rendezvous job have none.
+    if config.resume and is_coordinator(config):
         checkpoint_dir = config.run_dir() / "checkpoints"
         checkpoint = read_checkpoint(checkpoint_dir)
         if checkpoint is None:
@@ -541,6 +594,13 @@ def check_launchable(config: PipelineConfig) -> None:
             )
 
 
+def rank_command(config: PipelineConfig, data_uri: str, run_dir: Path) -> list[str]:
+    """The command line of one rank, the same on every host."""
+    command = [sys.executable, "-m", "tasks.train", "--config", str(run_dir / "config.json")]
+    command += ["--data", data_uri, "--out", str(run_dir)]
+    return command + (["--resume"] if config.resume else [])
+
+
 def horovodrun_command(config: PipelineConfig, data_uri: str, run_dir: Path) -> list[str]:
     """The horovodrun command line that starts all ranks."""
     executable = Path(sys.executable).with_name("horovodrun")
@@ -552,13 +612,11 @@ def horovodrun_command(config: PipelineConfig, data_uri: str, run_dir: Path) -> 
         command += ["--hostfile", str(config.hostfile)]
     else:
         command += ["-H", config.hosts or f"localhost:{config.num_proc}"]
-    command += [sys.executable, "-m", "tasks.train", "--config", str(run_dir / "config.json")]
-    command += ["--data", data_uri, "--out", str(run_dir)]
-    return command + (["--resume"] if config.resume else [])
+    return command + rank_command(config, data_uri, run_dir)
 
 
 def rank_environment(config: PipelineConfig, base: dict[str, str]) -> dict[str, str]:
-    """horovodrun's environment (it forwards it to every rank)."""
+    """The ranks' environment (horovodrun forwards it to every rank)."""
     threads = threads_per_rank(len(os.sched_getaffinity(0)), ranks_per_host(config))
     return {
         **base,
@@ -599,23 +657,88 @@ def _stop_process_tree(process: subprocess.Popen) -> None:
     psutil.wait_procs(tree, timeout=10)
 
 
-def run_horovod(command: list[str], env: dict[str, str]) -> None:
-    """Run horovodrun, stream rank 0's lines to the step log, raise TrainingError on failure."""
+class Launch(NamedTuple):
+    """A process the launcher starts: horovodrun (`rank` None; it tags each line of its ranks
+    with the rank and stream) or one rank (its own stdout and stderr)."""
+
+    command: list[str]
+    env: dict[str, str]
+    rank: int | None = None
+
+
+def _tag(rank: int, stream: str, text: str) -> tuple[int, str, str]:
+    return rank, stream, text
+
+
+def _forward_lines(
+    stream: IO[str],
+    parse: Callable[[str], tuple[int | None, str | None, str]],
+    source: int,
+    lines: queue.SimpleQueue,
+) -> None:
+    # One thread per pipe: a rank writing to a pipe nobody reads would stall.
+    for raw in stream:
+        lines.put((source, parse(raw.rstrip("\r\n"))))
+    lines.put((source, None))  # this pipe is closed
+
+
+def _exit_status(returncode: int) -> int:
+    # As a shell (and horovodrun) reports it: killed by signal N is 128+N.
+    return 128 - returncode if returncode < 0 else returncode
+
+
+def run_ranks(launches: list[Launch]) -> None:
+    """Start `launches`, stream rank 0's lines to the step log, raise TrainingError naming the
+    first rank that failed; every process is stopped at the end, also on error or interrupt."""
     logger = _step_logger()
     stderr_tails: dict[int, deque[str]] = defaultdict(lambda: deque(maxlen=STDERR_TAIL_LINES))
     launcher_lines: deque[str] = deque(maxlen=200)
-    process = subprocess.Popen(
-        command,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,  # every rank line carries its own <stdout>/<stderr> tag
-        text=True,
-        errors="replace",
-        start_new_session=True,
-    )
+    lines: queue.SimpleQueue = queue.SimpleQueue()
+    processes: list[subprocess.Popen] = []
+    open_pipes: list[int] = []
+    exit_codes: list[int] = []
     try:
-        for raw in process.stdout:
-            rank, stream, text = parse_output_line(raw.rstrip("\r\n"))
+        for source, launch in enumerate(launches):
+            process = subprocess.Popen(
+                launch.command,
+                env=launch.env,
+                stdout=subprocess.PIPE,
+                # horovodrun tags every rank line with its own <stdout>/<stderr>.
+                stderr=subprocess.STDOUT if launch.rank is None else subprocess.PIPE,
+                text=True,
+                errors="replace",
+                start_new_session=True,
+            )
+            processes.append(process)
+            if launch.rank is None:
+                pipes = [(process.stdout, parse_output_line)]
+            else:
+                pipes = [
+                    (process.stdout, partial(_tag, launch.rank, "stdout")),
+                    (process.stderr, partial(_tag, launch.rank, "stderr")),
+                ]
+            open_pipes.append(len(pipes))
+            for pipe, parse in pipes:
+                reader = threading.Thread(
+                    target=_forward_lines, args=(pipe, parse, source, lines), daemon=True
+                )
+                reader.start()
+        while any(open_pipes):
+            source, line = lines.get()
+            if line is None:
+                open_pipes[source] -= 1
+                if open_pipes[source] == 0:
+                    code = _exit_status(processes[source].wait())
+                    exit_codes.append(code)
+                    rank = launches[source].rank
+                    if code != 0 and rank is not None:
+                        # What horovodrun reports and does when one of its ranks fails.
+                        launcher_lines.append(f"Process {rank} exit with status code {code}.")
+                        for process in processes:
+                            if process.poll() is None:
+                                _stop_process_tree(process)
+                continue
+            rank, stream, text = line
             if rank is None:
                 launcher_lines.append(text)
                 logger.debug("horovodrun: %s", text)
@@ -624,23 +747,128 @@ def run_horovod(command: list[str], env: dict[str, str]) -> None:
                 stderr_tails[rank].append(text)
             if rank == 0:
                 logger.log(logging.INFO if stream == "stdout" else logging.WARNING, text)
-        returncode = process.wait()
     finally:
-        if process.poll() is None:
-            _stop_process_tree(process)
-    if returncode != 0:
-        raise TrainingError(failure_message(returncode, stderr_tails, launcher_lines))
+        for process in processes:
+            if process.poll() is None:
+                _stop_process_tree(process)
+    failed = [code for code in exit_codes if code != 0]
+    if failed:
+        raise TrainingError(failure_message(failed[0], stderr_tails, launcher_lines))
+
+
+@contextmanager
+def rendezvous_server(port: int, plan: list[SlotInfo]) -> Iterator[None]:
+    """Horovod's Gloo rendezvous for `plan` (the server horovodrun runs), on `port` of every
+    interface, since the other hosts reach it under host 0's name; stopped on exit."""
+    try:
+        # RendezvousServer.start() would take a random port; the other hosts need a known one.
+        server = RendezvousHTTPServer(("", port), RendezvousHandler, 0)
+    except OSError as exc:
+        raise TrainingError(
+            f"cannot serve the Gloo rendezvous on port {port}: {exc.strerror}"
+        ) from exc
+    server.init(plan)
+    thread = threading.Thread(target=server.serve_forever, name="gloo-rendezvous", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        server.shutdown()
+        thread.join()
+        server.server_close()
+
+
+def wait_for_rendezvous(host: str, port: int, timeout_s: float) -> str:
+    """The IPv4 address of `host` once its rendezvous port accepts connections; retried for
+    `timeout_s` seconds, since the hosts of a job start in any order."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            address = socket.getaddrinfo(host, port, socket.AF_INET, socket.SOCK_STREAM)[0][4][0]
+            with socket.create_connection((address, port), timeout=RENDEZVOUS_RETRY_S):
+                return address
+        except OSError as exc:  # not resolvable yet, or nothing listening yet
+            error = exc
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TrainingError(
+                f"no Gloo rendezvous at {host}:{port} after {timeout_s:g} s ({error}); "
+                "host 0 (worker_index=0) of the job serves it"
+            )
+        time.sleep(min(RENDEZVOUS_RETRY_S, left))
+
+
+def route_interface(address: str) -> str:
+    """The network interface this host reaches `address` through (what Gloo must use)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        # Connecting a UDP socket sends nothing: the kernel only picks route and source address.
+        probe.connect((address, 9))
+        source = probe.getsockname()[0]
+    for name, addresses in psutil.net_if_addrs().items():
+        if any(a.family == socket.AF_INET and a.address == source for a in addresses):
+            return name
+    raise TrainingError(
+        f"no network interface holds {source}, this host's address towards {address}; "
+        "set HOROVOD_GLOO_IFACE to the interface the hosts reach each other through"
+    )
+
+
+def run_host_ranks(config: PipelineConfig, command: list[str], env: dict[str, str]) -> None:
+    """This host's part of a rendezvous job (worker_index set): host 0 serves the rendezvous;
+    every host waits until it answers, then runs its own slots of the plan with the variables
+    horovodrun would give them."""
+    logger = _step_logger()
+    plan = host_plan(config)
+    hosts = parse_hosts(config.hosts)
+    rendezvous_host, this_host = hosts[0].hostname, hosts[config.worker_index].hostname
+    port = config.rendezvous_port
+    serving = rendezvous_server(port, plan) if config.worker_index == 0 else nullcontext()
+    with serving:
+        logger.info(
+            "host %d: joining the Gloo rendezvous at %s:%d",
+            config.worker_index,
+            rendezvous_host,
+            port,
+        )
+        address = wait_for_rendezvous(rendezvous_host, port, RENDEZVOUS_TIMEOUT_S)
+        # Set by the user, HOROVOD_GLOO_IFACE wins (e.g. where a host's own name resolves to
+        # a loopback address, as Debian's /etc/hosts does).
+        iface = env.get("HOROVOD_GLOO_IFACE") or route_interface(address)
+        job_env = {
+            # The ranks wait as long for each other as the hosts wait for the rendezvous.
+            "HOROVOD_GLOO_TIMEOUT_SECONDS": str(round(RENDEZVOUS_TIMEOUT_S)),
+            **env,
+            # The address the wait reached, as horovodrun passes its own: resolved once.
+            **create_run_env_vars(address, [iface], str(port)),
+        }
+        slots = [slot for slot in plan if slot.hostname == this_host]
+        logger.info(
+            "host %d: ranks %s over %s", config.worker_index, [slot.rank for slot in slots], iface
+        )
+        run_ranks(
+            [
+                Launch(command, {**job_env, **create_slot_env_vars(slot)}, slot.rank)
+                for slot in slots
+            ]
+        )
 
 
 def train(config: PipelineConfig, data_uri: str) -> str:
-    """Train with `config.num_proc` Horovod ranks; return the run directory's file:// URI."""
+    """Train with `config.num_proc` Horovod ranks; return the run directory's file:// URI.
+
+    With `config.worker_index` set only this host's ranks run here; the model is written on
+    host 0 (`is_coordinator`), the other hosts' run directories hold just config.json."""
     check_launchable(config)
     run_dir = config.run_dir().resolve()
-    command = horovodrun_command(config, data_uri, run_dir)
+    env = rank_environment(config, dict(os.environ))
+    if config.worker_index is None:
+        start = partial(run_ranks, [Launch(horovodrun_command(config, data_uri, run_dir), env)])
+    else:
+        start = partial(run_host_ranks, config, rank_command(config, data_uri, run_dir), env)
     run_dir.mkdir(parents=True, exist_ok=True)
     # The one typed config travels to the ranks as this file.
     (run_dir / "config.json").write_text(config.model_dump_json(indent=2))
-    run_horovod(command, rank_environment(config, dict(os.environ)))
+    start()
     return run_dir.as_uri()
 
 

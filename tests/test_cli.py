@@ -93,3 +93,9 @@ def test_unwritable_artifact_store_fails_before_training(tmp_path):
     )
     assert_one_line_error(result, str(blocker))
     assert not (tmp_path / "work").exists()
+
+
+def test_the_readme_documents_every_option():
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    for name in PipelineConfig.model_fields:
+        assert f"`PIPELINE_{name.upper()}`" in readme, f"README's configuration table lacks {name}"

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -83,3 +85,32 @@ def test_failing_gate_fails_the_run_but_stores_it_and_keeps_latest(passing_run, 
         training_pipeline(config=config)
     assert (store / "runs" / "gate-miss" / "manifest.json").exists()
     assert json.loads((store / "latest.json").read_text())["run_id"] == passing_run.run_id
+
+
+def test_each_step_runs_alone_sharing_only_the_cache_the_work_dir_and_the_store(tmp_path):
+    """The four steps as four processes (as four containers would run them): only URIs and the
+    shared directories connect them."""
+    flags = [
+        "--epochs=1",
+        f"--mirrors={DEBIAN_MIRROR}",
+        f"--data-dir={tmp_path / 'data'}",
+        f"--work-dir={tmp_path / 'work'}",
+        f"--artifact-store={(tmp_path / 'store').as_uri()}",
+        "--min-test-accuracy=0.7",
+        "--run-id=alone",
+    ]
+    outputs = {}
+    for step in ("dataset", "train", "evaluate", "publish"):
+        result = subprocess.run(
+            [sys.executable, "-m", "pipeline.cli", "step", step, *flags],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert result.returncode == 0, result.stderr
+        outputs[step] = result.stdout.strip().splitlines()[-1]
+    assert outputs["dataset"] == (tmp_path / "data").resolve().as_uri()
+    assert outputs["train"] == (tmp_path / "work" / "alone").resolve().as_uri()
+    assert outputs["publish"].endswith("/runs/alone")
+    manifest = json.loads((tmp_path / "store" / "runs" / "alone" / "manifest.json").read_text())
+    assert manifest["metrics"]["accuracy"] > 0.7

@@ -1,4 +1,5 @@
-"""Tests of the train step: real Fashion-MNIST, real `horovodrun --gloo` with 1 and 2 ranks.
+"""Tests of the train step: real Fashion-MNIST, real `horovodrun --gloo` with 1 and 2 ranks,
+and real two-host rendezvous jobs (worker_index set: no horovodrun, no ssh) on loopback.
 
 Trainings are shared through module-scoped fixtures (the machine has two cores); the pure core
 (shards, batches, permutations, split, context choice, output parsing) needs no horovodrun.
@@ -8,11 +9,15 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import urlparse
 from urllib.request import url2pathname
@@ -23,6 +28,7 @@ import psutil
 import pytest
 from pydantic import ValidationError
 
+import tasks.train as train_module
 from pipeline.config import ConfigError, PipelineConfig
 from tasks.dataset import load_dataset, prepare_dataset
 from tasks.train import (
@@ -31,7 +37,9 @@ from tasks.train import (
     epoch_permutation,
     failure_message,
     global_batches,
+    is_coordinator,
     parse_output_line,
+    route_interface,
     select_context,
     shard_bounds,
     split_validation,
@@ -39,9 +47,18 @@ from tasks.train import (
     train,
     train_summary,
 )
+from tests.conftest import free_port
 
 DEBIAN_MIRROR = "file:///usr/share/datasets/fashion-mnist/"
 DEADLINE_S = 300  # bound of every wait on a training process
+# Two names of this machine, so two "hosts" of a rendezvous job on loopback.
+TWO_HOSTS = "localhost:1,127.0.0.1:1"
+HEAD_START_S = 3  # how long host 1 runs alone before host 0 starts
+# train() in a process of its own, as a pod (or the CLI) runs it; prints the run dir URI.
+TRAIN_SCRIPT = (
+    "import sys; from pipeline.config import PipelineConfig; from tasks.train import train; "
+    "print(train(PipelineConfig.model_validate_json(sys.argv[1]), sys.argv[2]))"
+)
 
 
 def run_config(work_dir: Path, run_id: str, **overrides) -> PipelineConfig:
@@ -83,6 +100,40 @@ def wait_until_no_ranks(run_dir: Path, timeout_s: float = 15) -> list[psutil.Pro
     while (left := rank_processes(run_dir)) and time.monotonic() < deadline:
         time.sleep(0.2)
     return left
+
+
+def job_config(work_dir: Path, index: int, port: int, **overrides) -> PipelineConfig:
+    """Host `index` of a two-host rendezvous job, with its own work dir as a pod has."""
+    job = {"num_proc": 2, "hosts": TWO_HOSTS, "worker_index": index, "rendezvous_port": port}
+    return run_config(work_dir / f"host-{index}", "job", **{**job, **overrides})
+
+
+def start_host(config: PipelineConfig, data_uri: str) -> subprocess.Popen:
+    command = [sys.executable, "-c", TRAIN_SCRIPT, config.model_dump_json(), data_uri]
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+@contextmanager
+def job_hosts(configs: list[PipelineConfig]) -> Iterator[list[subprocess.Popen]]:
+    """A list for the hosts' processes; on exit every host and every rank still running is
+    stopped, also when the test failed."""
+    hosts: list[subprocess.Popen] = []
+    try:
+        yield hosts
+    finally:
+        for host in hosts:
+            if host.poll() is None:
+                host.kill()
+                host.communicate()
+        for config in configs:
+            for process in rank_processes(config.run_dir().resolve()):
+                process.kill()
+
+
+def finish(host: subprocess.Popen) -> tuple[int, str, str]:
+    """(exit status, stdout, stderr) of a host process, waited for at most DEADLINE_S."""
+    out, err = host.communicate(timeout=DEADLINE_S)
+    return host.returncode, out, err
 
 
 class Capture(logging.Handler):
@@ -139,6 +190,21 @@ def np2_again(work_dir: Path, data_uri: str) -> Path:
 def five_epochs(work_dir: Path, data_uri: str) -> Path:
     """The seed's full recipe (5 epochs) at two ranks, uninterrupted."""
     return path_of(train(run_config(work_dir, "five", num_proc=2, epochs=5), data_uri))
+
+
+@pytest.fixture(scope="module")
+def two_hosts(tmp_path_factory: pytest.TempPathFactory, data_uri: str) -> tuple[Path, Path]:
+    """A two-host rendezvous job of two epochs, both hosts started at once: their run dirs."""
+    work_dir, port = tmp_path_factory.mktemp("two-hosts"), free_port()
+    configs = [job_config(work_dir, index, port, epochs=2) for index in (0, 1)]
+    run_dirs = [config.run_dir().resolve() for config in configs]
+    with job_hosts(configs) as hosts:
+        hosts += [start_host(config, data_uri) for config in configs]
+        for host, run_dir in zip(hosts, run_dirs, strict=True):
+            code, out, err = finish(host)
+            assert code == 0, err
+            assert out.splitlines()[-1] == run_dir.as_uri()  # train() returns it on every host
+    return run_dirs[0], run_dirs[1]
 
 
 # ----------------------------------------------------------------------------- real trainings
@@ -286,11 +352,8 @@ def test_a_rank_error_is_reported_with_its_stderr_lines(work_dir: Path, tmp_path
 def test_an_interrupted_launcher_leaves_no_ranks_behind(work_dir: Path, data_uri: str) -> None:
     config = run_config(work_dir, "interrupted", num_proc=2, epochs=200)
     run_dir = config.run_dir().resolve()
-    script = (
-        "import sys; from pipeline.config import PipelineConfig; from tasks.train import train; "
-        "train(PipelineConfig.model_validate_json(sys.argv[1]), sys.argv[2])"
-    )
-    launcher = subprocess.Popen([sys.executable, "-c", script, config.model_dump_json(), data_uri])
+    command = [sys.executable, "-c", TRAIN_SCRIPT, config.model_dump_json(), data_uri]
+    launcher = subprocess.Popen(command)
     try:
         deadline = time.monotonic() + DEADLINE_S
         jsonl = run_dir / "metrics" / "train.jsonl"
@@ -308,6 +371,117 @@ def test_an_interrupted_launcher_leaves_no_ranks_behind(work_dir: Path, data_uri
             launcher.wait()
         for process in rank_processes(run_dir):
             process.kill()
+
+
+def without_seconds(records: list[dict]) -> list[dict]:
+    return [{key: value for key, value in record.items() if key != "seconds"} for record in records]
+
+
+def test_two_hosts_without_ssh_train_the_horovodrun_model(two_hosts, np2_run) -> None:
+    host_zero, host_one = two_hosts
+    np2_dir, _ = np2_run
+    # Same seed, same 2 ranks, same plan of shards: the model horovodrun -np 2 trained.
+    for name in ("model.params", "model-0000.params"):
+        expected, trained = parameters(np2_dir, name), parameters(host_zero, name)
+        assert expected.keys() == trained.keys()
+        for key in expected:
+            assert np.array_equal(expected[key], trained[key]), f"{name}: {key} differs"
+    assert without_seconds(history(host_zero)) == without_seconds(history(np2_dir))
+    assert json.loads((host_zero / "metrics" / "train.json").read_text())["num_proc"] == 2
+    # Host 1 ran rank 1 only: its run directory holds the config its rank read, and no model.
+    assert [path.name for path in host_one.iterdir()] == ["config.json"]
+    assert wait_until_no_ranks(host_zero) == [] and wait_until_no_ranks(host_one) == []
+
+
+def test_a_host_started_before_host_zero_waits_for_its_rendezvous(
+    tmp_path: Path, data_uri: str
+) -> None:
+    port = free_port()
+    host_zero, host_one = configs = [
+        job_config(tmp_path, index, port, epochs=1) for index in (0, 1)
+    ]
+    with job_hosts(configs) as hosts:
+        hosts.append(start_host(host_one, data_uri))
+        time.sleep(HEAD_START_S)
+        assert hosts[0].poll() is None, f"host 1 gave up alone: {finish(hosts[0])[2]}"
+        assert rank_processes(host_one.run_dir().resolve()) == [], "rank 1 started alone"
+        hosts.append(start_host(host_zero, data_uri))
+        for host in hosts:
+            code, _, err = finish(host)
+            assert code == 0, err
+    summary = json.loads((host_zero.run_dir() / "metrics" / "train.json").read_text())
+    assert (summary["epochs"], summary["num_proc"]) == (1, 2)
+
+
+def test_a_host_whose_host_zero_never_comes_fails_in_bounded_time(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The real wait, against a port nobody serves, bounded by 3 s instead of 120 s.
+    monkeypatch.setattr(train_module, "RENDEZVOUS_TIMEOUT_S", 3.0)
+    port = free_port()
+    config = run_config(
+        tmp_path / "work",
+        "alone",
+        num_proc=2,
+        hosts="127.0.0.1:1,localhost:1",
+        worker_index=1,
+        rendezvous_port=port,
+    )
+    started = time.monotonic()
+    with pytest.raises(
+        TrainingError, match=rf"no Gloo rendezvous at 127\.0\.0\.1:{port} after 3 s \(.*refused"
+    ):
+        train(config, "file:///nowhere")
+    assert 3 <= time.monotonic() - started < 3 + 10
+    assert rank_processes(config.run_dir().resolve()) == []
+
+
+def test_a_host_zero_whose_other_host_never_comes_fails_and_stops_its_rendezvous(
+    tmp_path: Path, data_uri: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The real waits (host 0's for its own rendezvous, Gloo's for rank 1), bounded by 3 s.
+    monkeypatch.setattr(train_module, "RENDEZVOUS_TIMEOUT_S", 3.0)
+    port = free_port()
+    config = job_config(tmp_path, 0, port, epochs=1)
+    with pytest.raises(TrainingError, match=r"(?s)rank 0 exited .*Wait timeout after 3 seconds"):
+        train(config, data_uri)
+    with pytest.raises(ConnectionRefusedError):  # the rendezvous server is gone with the step
+        socket.create_connection(("127.0.0.1", port), timeout=5).close()
+    assert wait_until_no_ranks(config.run_dir().resolve()) == []
+
+
+def test_a_host_zero_whose_rendezvous_port_is_taken_fails_naming_it(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(
+            TrainingError, match=rf"cannot serve the Gloo rendezvous on port {port}: .*in use"
+        ):
+            train(job_config(tmp_path, 0, port), "file:///nowhere")
+
+
+def test_a_rank_error_on_one_host_fails_every_host_naming_its_rank(
+    tmp_path: Path, data_uri: str
+) -> None:
+    empty_cache = tmp_path / "no-data"
+    empty_cache.mkdir()
+    port = free_port()
+    configs = [job_config(tmp_path, index, port, epochs=1) for index in (0, 1)]
+    with job_hosts(configs) as hosts:
+        hosts += [start_host(configs[0], data_uri), start_host(configs[1], empty_cache.as_uri())]
+        (code_zero, _, err_zero), (code_one, _, err_one) = map(finish, hosts)
+    assert code_one != 0
+    assert re.search(
+        r"TrainingError: training failed: rank 1 exited with status 1; last stderr lines of "
+        r"rank 1:\n  error: .*no-data",
+        err_one,
+    ), err_one
+    # Rank 0 loses its peer; its host fails too, and only host 0 would have published.
+    assert code_zero != 0
+    assert "TrainingError: training failed: rank 0 exited with status 1" in err_zero, err_zero
+    for config in configs:
+        assert wait_until_no_ranks(config.run_dir().resolve()) == []
 
 
 # ----------------------------------------------------------------------------- bad input
@@ -334,7 +508,7 @@ def _assert_nothing_started(config: PipelineConfig) -> None:
     launched = [
         child
         for child in psutil.Process().children(recursive=True)
-        if any("horovodrun" in part for part in child.cmdline())
+        if any("horovodrun" in part or part == "tasks.train" for part in child.cmdline())
     ]
     assert launched == []
 
@@ -380,6 +554,23 @@ def test_resume_that_cannot_continue_the_checkpoint_is_refused(
     with pytest.raises(ConfigError, match=message):
         train(config, "file:///nowhere")
     assert len(history(np1_run)) == 2  # untouched
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"num_proc": 1}, r"num_proc=1 but hosts 'localhost:1,127\.0\.0\.1:1' offer 2 slots"),
+        ({"hosts": "localhost:1,localhost:1"}, r"lists localhost more than once"),
+        ({"hostfile": Path("hostfile")}, r"hostfile hostfile cannot be used with worker_index"),
+    ],
+)
+def test_bad_rendezvous_job_fails_before_any_process_starts(
+    tmp_path: Path, overrides: dict, message: str
+) -> None:
+    config = job_config(tmp_path / "work", 0, free_port(), **overrides)
+    with pytest.raises(ConfigError, match=message):
+        train(config, "file:///nowhere")
+    _assert_nothing_started(config)
 
 
 # ----------------------------------------------------------------------------- pure core
@@ -484,3 +675,21 @@ def test_failure_message_names_the_first_failed_rank_and_its_stderr() -> None:
     assert no_rank == (
         "horovodrun exited with status 2; its last lines:\n  usage: horovodrun ...\n  error: bad -H"
     )
+
+
+def test_only_host_zero_of_a_rendezvous_job_goes_on_to_publish() -> None:
+    assert is_coordinator(PipelineConfig(num_proc=2))  # horovodrun: this host holds rank 0
+    assert is_coordinator(PipelineConfig(num_proc=2, hosts=TWO_HOSTS, worker_index=0))
+    assert not is_coordinator(PipelineConfig(num_proc=2, hosts=TWO_HOSTS, worker_index=1))
+
+
+def test_gloo_interface_is_the_one_that_routes_to_host_zero() -> None:
+    addresses = [
+        (name, address.address)
+        for name, entries in psutil.net_if_addrs().items()
+        for address in entries
+        if address.family == socket.AF_INET
+    ]
+    assert ("lo", "127.0.0.1") in addresses
+    for name, address in addresses:  # this machine's own addresses: routed via their interface
+        assert route_interface(address) == name, address
