@@ -160,7 +160,8 @@ class StepRunner:
             self.seconds[step] = round(time.perf_counter() - start, 2)
 
     def _as_flow_run(self, step: StepName) -> None:
-        # Only what was set explicitly travels: paths and defaults are the worker's own.
+        # Only what was set (flags, PIPELINE_* variables, parameters) travels: defaults, and so
+        # the paths of the step's own container, stay the worker's.
         overrides = self.config.model_dump(mode="json", exclude_unset=True)
         flow_run = run_deployment(
             self.config.step_deployment,
