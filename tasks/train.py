@@ -568,6 +568,17 @@ def _check_rendezvous_job(config: PipelineConfig) -> None:
 
 def check_launchable(config: PipelineConfig) -> None:
     """Everything a user can get wrong that pydantic cannot see, before any process starts."""
+    # Gloo looks up this machine's own name; where that fails, hvd.init() dies with SIGSEGV
+    # ("Resource deadlock avoided") instead of an error (seen in containers whose /etc/hosts
+    # lacks their hostname).
+    hostname = socket.gethostname()
+    try:
+        socket.getaddrinfo(hostname, None)
+    except OSError as exc:
+        raise TrainingError(
+            f"this machine's hostname {hostname!r} does not resolve ({exc}); Horovod's Gloo "
+            "needs it: add it to /etc/hosts (docker: --add-host or --hostname)"
+        ) from None
     if config.worker_index is not None:
         _check_rendezvous_job(config)
     if config.hostfile is not None and not config.hostfile.is_file():
@@ -607,7 +618,9 @@ def horovodrun_command(config: PipelineConfig, data_uri: str, run_dir: Path) -> 
     horovodrun = str(executable) if executable.exists() else shutil.which("horovodrun")
     if horovodrun is None:
         raise TrainingError("horovodrun not found next to the Python interpreter or on PATH")
-    command = [horovodrun, "-np", str(config.num_proc), "--gloo"]
+    # --disable-cache: horovodrun otherwise keeps its check results in ~/.horovod, which a
+    # container with a read-only root filesystem (the Kubernetes manifests) cannot create.
+    command = [horovodrun, "-np", str(config.num_proc), "--gloo", "--disable-cache"]
     if config.hostfile is not None:
         command += ["--hostfile", str(config.hostfile)]
     else:
