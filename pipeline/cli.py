@@ -230,9 +230,9 @@ def cmd_artifacts(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from pipeline.flow import training_pipeline
 
-    training_pipeline.serve(
-        name=args.name, cron=args.cron, parameters={"config": _config_from(args).model_dump()}
-    )
+    # Only the options given travel as the deployment's parameters; the rest keep their defaults.
+    config = _config_from(args).model_dump(mode="json", exclude_unset=True)
+    training_pipeline.serve(name=args.name, cron=args.cron, parameters={"config": config})
     return 0
 
 

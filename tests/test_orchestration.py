@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -305,3 +306,31 @@ def test_two_by_two_sweep_compares_and_names_the_best_by_validation(deployed, tm
         (tmp_path / "artifacts" / "runs" / best["run_id"] / "manifest.json").read_text()
     )
     assert published["metrics"]["accuracy"] == pytest.approx(best["test_accuracy"], abs=1e-4)
+
+
+def test_pipeline_serve_registers_a_cron_deployment_with_the_given_options(prefect_env, tmp_path):
+    command = [
+        sys.executable,
+        "-m",
+        "pipeline.cli",
+        "serve",
+        "--cron",
+        "30 3 * * *",
+        "--name",
+        "served",
+        "--epochs",
+        "2",
+    ]
+    with background(command, prefect_env, tmp_path / "serve.log") as serving:
+
+        def registered():
+            if serving.poll() is not None:
+                pytest.fail(f"pipeline serve exited: {(tmp_path / 'serve.log').read_text()}")
+            try:
+                return deployment(prefect_env, "training_pipeline/served")
+            except urllib.error.HTTPError:
+                return None
+
+        served = wait_for(registered, 120, "pipeline serve to register its deployment")
+    assert served["schedules"][0]["schedule"]["cron"] == "30 3 * * *"
+    assert served["parameters"] == {"config": {"epochs": 2}}
