@@ -1,8 +1,8 @@
 """The pipeline image for real (issue 9): built from the work tree and run as containers.
 
-The image is built once for the module (the legacy builder, tag fashion-pipeline:0.1.0), so
-these tests run the current code. Without a Docker engine every test that needs one skips,
-saying why (a failure in CI, where PIPELINE_TESTS_NO_SKIP=1). Containers reach the session's
+The image comes from tests/docker_support.py (built once a session from the work tree, so
+these tests run the current code; without a Docker engine the tests that need one skip,
+saying why: a failure in CI, where PIPELINE_TESTS_NO_SKIP=1). Containers reach the session's
 SeaweedFS S3 server and the Prefect server on the host's 127.0.0.1 (`--network host`); the
 Debian copy of Fashion-MNIST is the mirror, mounted read-only. Every container and volume a
 test creates carries the label io.fashion-pipeline.test=<token> and is removed by the test,
@@ -26,19 +26,23 @@ import pytest
 import yaml
 
 from pipeline.config import PipelineConfig
-from tests.test_orchestration import PREFECT, api, background, prefect, prefect_env  # noqa: F401
+from tests.docker_support import (
+    BUILD_TIMEOUT_S,
+    DEBIAN_DATA,
+    IMAGE,
+    LABEL,
+    REPO,
+    docker,
+    image_size,
+)
+from tests.prefect_server import PREFECT, api, background, prefect
 
-REPO = Path(__file__).resolve().parents[1]
-IMAGE = "fashion-pipeline:0.1.0"
 MAX_IMAGE_BYTES = 1_200_000_000  # 1.2 GB
 PIPELINE_UID = "10001"
-DEBIAN_DATA = Path("/usr/share/datasets/fashion-mnist")
 MIRROR = "file:///mirror/"
 MIRROR_MOUNT = ("-v", f"{DEBIAN_DATA}:/mirror:ro")
-LABEL = "io.fashion-pipeline.test"
 DOCKER_POOL = "fashion-docker"
 STEPS = ("dataset", "train", "evaluate", "publish")
-BUILD_TIMEOUT_S = 1800
 CONTAINER_TIMEOUT_S = 300
 HADOLINT = Path(sys.executable).with_name("hadolint")
 COMPOSE_FILE = REPO / "docker" / "compose.yaml"
@@ -46,91 +50,6 @@ ENV_EXAMPLE = REPO / "docker" / ".env.example"
 
 # Fixture setup counts towards a test's time: the first test may build the image (cold: minutes).
 pytestmark = [pytest.mark.containers, pytest.mark.timeout(BUILD_TIMEOUT_S + 900)]
-
-
-def docker(
-    *args: str, timeout: float = 120, env: Mapping[str, str] | None = None
-) -> subprocess.CompletedProcess:
-    """`docker ARGS`; a failure fails the test with docker's output."""
-    result = subprocess.run(
-        ["docker", *args], capture_output=True, text=True, timeout=timeout, env=env
-    )
-    if result.returncode != 0:
-        pytest.fail(
-            f"docker {' '.join(args)} exited with {result.returncode}:\n"
-            f"{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
-        )
-    return result
-
-
-def remove_labelled(token: str) -> None:
-    """Remove every container, then every volume, labelled with `token`."""
-    selector = f"label={LABEL}={token}"
-    for kind, remove in (("container", ["rm", "-f"]), ("volume", ["volume", "rm", "-f"])):
-        found = subprocess.run(
-            ["docker", kind, "ls", "-aq" if kind == "container" else "-q", "--filter", selector],
-            capture_output=True,
-            text=True,
-            timeout=60,
-        ).stdout.split()
-        if found:
-            subprocess.run(["docker", *remove, *found], capture_output=True, timeout=120)
-
-
-@pytest.fixture(scope="module")
-def docker_engine() -> None:
-    """A Docker engine that answers, else the test skips, saying why."""
-    if shutil.which("docker") is None:
-        pytest.skip("no docker client on PATH (Debian: apt-get install docker.io)")
-    try:
-        info = subprocess.run(
-            ["docker", "info", "--format", "{{.ServerVersion}}"],
-            capture_output=True,
-            text=True,
-            timeout=30,
-        )
-    except subprocess.TimeoutExpired:
-        pytest.skip("no Docker engine answers: `docker info` timed out after 30 s")
-    if info.returncode != 0:
-        pytest.skip(f"no Docker engine answers: {info.stderr.strip()[-300:]}")
-
-
-@pytest.fixture(scope="module")
-def image(docker_engine, tmp_path_factory: pytest.TempPathFactory) -> str:
-    """The runtime image, built from the work tree (layers cached by the engine)."""
-    log = tmp_path_factory.mktemp("image") / "build.log"
-    command = ["docker", "build", "-f", "docker/Dockerfile", "--target", "runtime", "-t", IMAGE]
-    # The legacy builder: Debian's docker.io client has no buildx.
-    with log.open("wb") as out:
-        built = subprocess.run(
-            [*command, "."],
-            cwd=REPO,
-            env={**os.environ, "DOCKER_BUILDKIT": "0"},
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            timeout=BUILD_TIMEOUT_S,
-        )
-    if built.returncode != 0:
-        pytest.fail(
-            f"docker build exited with {built.returncode} (log: {log}); where no registry is "
-            f"reachable, build the base image first (docker/bootstrap-base.sh):\n"
-            f"{log.read_text(errors='replace')[-3000:]}"
-        )
-    return IMAGE
-
-
-def image_size(reference: str) -> int:
-    return int(docker("image", "inspect", "--format", "{{.Size}}", reference).stdout)
-
-
-@pytest.fixture
-def docker_objects(docker_engine) -> Iterator[str]:
-    """The label value of this test's containers and volumes; all of them go at the end."""
-    token = uuid.uuid4().hex[:10]
-    try:
-        yield token
-    finally:
-        remove_labelled(token)
 
 
 @pytest.fixture
@@ -316,7 +235,7 @@ def test_horovodrun_trains_with_two_ranks_in_one_container(image, docker_objects
 
 
 @pytest.fixture(scope="module")
-def docker_worker(prefect_env, docker_engine, tmp_path_factory) -> Iterator[dict[str, str]]:  # noqa: F811
+def docker_worker(prefect_env, docker_engine, tmp_path_factory) -> Iterator[dict[str, str]]:
     """A docker work pool on the module's Prefect server, and a worker polling it."""
     prefect(prefect_env, "work-pool", "create", DOCKER_POOL, "--type", "docker")
     log = tmp_path_factory.mktemp("docker-worker") / "worker.log"
@@ -423,7 +342,7 @@ def test_flow_run_puts_each_step_in_its_own_container(
 @pytest.mark.s3
 def test_compose_setup_prepares_bucket_pool_and_secrets_and_can_run_again(
     image,
-    prefect_env,  # noqa: F811 (the fixture imported from test_orchestration)
+    prefect_env,
     docker_objects,
     s3_server,
 ):

@@ -25,15 +25,8 @@ from k8s.render import ContainerRun, container_run, render
 from pipeline.config import PipelineConfig
 from tasks import dataset, train
 from tests.conftest import free_port
-from tests.test_containers import (  # noqa: F401  (fixtures)
-    DEBIAN_DATA,
-    LABEL,
-    docker,
-    docker_engine,
-    docker_objects,
-    image,
-)
-from tests.test_orchestration import wait_for
+from tests.docker_support import DEBIAN_DATA, LABEL, docker
+from tests.prefect_server import wait_for
 
 pytestmark = [pytest.mark.containers, pytest.mark.timeout(2400)]
 
@@ -90,7 +83,7 @@ def container_argv(run: ContainerRun) -> list[str]:
 
 
 @pytest.fixture
-def cluster(dev_objects, docker_objects, image) -> Iterator[dict]:  # noqa: F811
+def cluster(dev_objects, docker_objects, image) -> Iterator[dict]:
     """A Docker network standing in for the namespace, with the dev overlay's SeaweedFS
     StatefulSet running on it as the Service `seaweedfs`; yields what a test needs."""
     token = docker_objects

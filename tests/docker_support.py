@@ -1,0 +1,110 @@
+"""pytest plugin (loaded with -p in pyproject.toml): the Docker engine and the pipeline image.
+
+Without an engine, the tests that need one skip, saying why (a failure in CI, where
+PIPELINE_TESTS_NO_SKIP=1). `image` builds the runtime image from the work tree once a session
+(the legacy builder, layers cached by the engine), so container tests run the current code.
+Every container and volume a test creates carries the label io.fashion-pipeline.test=<token>
+(`docker_objects`) and is removed at the end of the test, also when it fails.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import uuid
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+IMAGE = "fashion-pipeline:0.1.0"
+LABEL = "io.fashion-pipeline.test"
+DEBIAN_DATA = Path("/usr/share/datasets/fashion-mnist")
+BUILD_TIMEOUT_S = 1800
+
+
+def docker(
+    *args: str, timeout: float = 120, env: Mapping[str, str] | None = None
+) -> subprocess.CompletedProcess:
+    """`docker ARGS`; a failure fails the test with docker's output."""
+    result = subprocess.run(
+        ["docker", *args], capture_output=True, text=True, timeout=timeout, env=env
+    )
+    if result.returncode != 0:
+        pytest.fail(
+            f"docker {' '.join(args)} exited with {result.returncode}:\n"
+            f"{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+        )
+    return result
+
+
+def remove_labelled(token: str) -> None:
+    """Remove every container, then every volume, labelled with `token`."""
+    selector = f"label={LABEL}={token}"
+    for kind, remove in (("container", ["rm", "-f"]), ("volume", ["volume", "rm", "-f"])):
+        found = subprocess.run(
+            ["docker", kind, "ls", "-aq" if kind == "container" else "-q", "--filter", selector],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        ).stdout.split()
+        if found:
+            subprocess.run(["docker", *remove, *found], capture_output=True, timeout=120)
+
+
+@pytest.fixture(scope="session")
+def docker_engine() -> None:
+    """A Docker engine that answers, else the test skips, saying why."""
+    if shutil.which("docker") is None:
+        pytest.skip("no docker client on PATH (Debian: apt-get install docker.io)")
+    try:
+        info = subprocess.run(
+            ["docker", "info", "--format", "{{.ServerVersion}}"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+    except subprocess.TimeoutExpired:
+        pytest.skip("no Docker engine answers: `docker info` timed out after 30 s")
+    if info.returncode != 0:
+        pytest.skip(f"no Docker engine answers: {info.stderr.strip()[-300:]}")
+
+
+@pytest.fixture(scope="session")
+def image(docker_engine, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The runtime image, built from the work tree (layers cached by the engine)."""
+    log = tmp_path_factory.mktemp("image") / "build.log"
+    command = ["docker", "build", "-f", "docker/Dockerfile", "--target", "runtime", "-t", IMAGE]
+    # The legacy builder: Debian's docker.io client has no buildx.
+    with log.open("wb") as out:
+        built = subprocess.run(
+            [*command, "."],
+            cwd=REPO,
+            env={**os.environ, "DOCKER_BUILDKIT": "0"},
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            timeout=BUILD_TIMEOUT_S,
+        )
+    if built.returncode != 0:
+        pytest.fail(
+            f"docker build exited with {built.returncode} (log: {log}); where no registry is "
+            f"reachable, build the base image first (docker/bootstrap-base.sh):\n"
+            f"{log.read_text(errors='replace')[-3000:]}"
+        )
+    return IMAGE
+
+
+def image_size(reference: str) -> int:
+    return int(docker("image", "inspect", "--format", "{{.Size}}", reference).stdout)
+
+
+@pytest.fixture
+def docker_objects(docker_engine) -> Iterator[str]:
+    """The label value of this test's containers and volumes; all of them go at the end."""
+    token = uuid.uuid4().hex[:10]
+    try:
+        yield token
+    finally:
+        remove_labelled(token)
