@@ -206,7 +206,7 @@ def inflate_gzip(chunks: Iterable[bytes], sink: BinaryIO, max_bytes: int) -> tup
 
 
 def _cache_path(config: PipelineConfig) -> Path:
-    return config.data_dir.expanduser().resolve()
+    return _cache_dir(config.data_uri())
 
 
 def _cache_dir(data_uri: str) -> Path:

@@ -700,6 +700,12 @@ def _exit_status(returncode: int) -> int:
     return 128 - returncode if returncode < 0 else returncode
 
 
+def _stop_running(processes: list[subprocess.Popen]) -> None:
+    for process in processes:
+        if process.poll() is None:
+            _stop_process_tree(process)
+
+
 def run_ranks(launches: list[Launch]) -> None:
     """Start `launches`, stream rank 0's lines to the step log, raise TrainingError naming the
     first rank that failed; every process is stopped at the end, also on error or interrupt."""
@@ -747,9 +753,7 @@ def run_ranks(launches: list[Launch]) -> None:
                     if code != 0 and rank is not None:
                         # What horovodrun reports and does when one of its ranks fails.
                         launcher_lines.append(f"Process {rank} exit with status code {code}.")
-                        for process in processes:
-                            if process.poll() is None:
-                                _stop_process_tree(process)
+                        _stop_running(processes)
                 continue
             rank, stream, text = line
             if rank is None:
@@ -761,9 +765,7 @@ def run_ranks(launches: list[Launch]) -> None:
             if rank == 0:
                 logger.log(logging.INFO if stream == "stdout" else logging.WARNING, text)
     finally:
-        for process in processes:
-            if process.poll() is None:
-                _stop_process_tree(process)
+        _stop_running(processes)
     failed = [code for code in exit_codes if code != 0]
     if failed:
         raise TrainingError(failure_message(failed[0], stderr_tails, launcher_lines))
