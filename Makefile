@@ -48,6 +48,6 @@ format: sync
 	$(RUN) ruff format .
 
 bench: sync
-	$(RUN) python bench/dataset_speed.py
-	$(RUN) python bench/train_speed.py
-	$(RUN) python bench/s3_throughput.py
+	$(RUN) python -m bench.dataset_speed
+	$(RUN) python -m bench.train_speed
+	$(RUN) python -m bench.s3_throughput

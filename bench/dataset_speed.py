@@ -24,7 +24,7 @@ from collections.abc import Callable
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-from pipeline.config import PipelineConfig
+from pipeline.base.config import PipelineConfig
 from tasks.dataset import DEBIAN_DATA_DIR, FILES, load_dataset, parse_idx, prepare_dataset
 
 TARGET_WARM_SECONDS = 0.5

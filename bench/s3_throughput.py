@@ -2,7 +2,7 @@
 
 Starts a local SeaweedFS server (the tests' launcher), then moves one 100 MB file and 1,000
 small files up and down both ways:
-  store   pipeline.store.S3Store: boto3's transfer manager (TransferConfig: multipart, 10
+  store   pipeline.base.store.s3.S3Store: boto3's transfer manager (TransferConfig: multipart, 10
           threads), SHA-256 checksums sent with every request and checked by the server; the
           timed upload includes computing the whole-file SHA-256 (stored as metadata), the
           timed download includes verifying it;
@@ -10,7 +10,7 @@ small files up and down both ways:
           without concurrency (boto3's default CRC32 checksums only).
 Each cell is the median of --repeats runs; the ratio is store / plain from the same run.
 
-    .venv/bin/python bench/s3_throughput.py [--repeats 3] [--small-files 1000]
+    uv run python -m bench.s3_throughput [--repeats 3] [--small-files 1000]
 """
 
 from __future__ import annotations
@@ -19,19 +19,15 @@ import argparse
 import os
 import shutil
 import statistics
-import sys
 import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))  # the SeaweedFS launcher lives with the test fixtures
-
-from conftest import S3Server, seaweedfs  # noqa: E402
-
-from pipeline.config import PipelineConfig  # noqa: E402
-from pipeline.store import ObjectInfo, S3Store, open_store, sha256_file  # noqa: E402
+from pipeline.base.config import PipelineConfig
+from pipeline.base.store import ObjectInfo, open_store, sha256_file
+from pipeline.base.store.s3 import S3Store
+from tests.support.seaweedfs import S3Server, seaweedfs
 
 MB = 2**20
 LARGE_BYTES = 100 * MB
@@ -90,7 +86,7 @@ def measure(
     config = PipelineConfig(
         artifact_store=f"s3://{server.bucket}/store-{name}", s3_endpoint_url=server.endpoint
     )
-    store = open_store(config.artifact_store, config)
+    store = open_store(config.artifact_store, **config.store_options())
     assert isinstance(store, S3Store)
     client = server.client()
     plain_prefix = f"plain-{name}"

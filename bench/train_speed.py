@@ -31,9 +31,10 @@ from pathlib import Path
 import numpy as np
 import psutil
 
-from pipeline.config import PipelineConfig
+from pipeline.base.config import PipelineConfig
 from tasks.dataset import DEBIAN_DATA_DIR, FashionMNIST, load_dataset, prepare_dataset
-from tasks.train import epoch_permutation, train
+from tasks.train.sharding import epoch_permutation
+from tasks.train.step import train
 
 BATCH_SIZE = 256
 LR = 0.1
@@ -150,7 +151,7 @@ class RankPeakRss(threading.Thread):
         while not self.done.wait(0.05):
             for process in psutil.process_iter(["cmdline"]):
                 cmdline = process.info["cmdline"] or []
-                if cmdline[1:3] == ["-m", "tasks.train"] and self.run_dir in cmdline:
+                if cmdline[1:3] == ["-m", "tasks.train.rank"] and self.run_dir in cmdline:
                     try:
                         status = Path(f"/proc/{process.pid}/status").read_text()
                     except OSError:

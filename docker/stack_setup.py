@@ -22,8 +22,8 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.actions import WorkPoolCreate
 from prefect_docker.worker import DockerWorker
 
-from pipeline.config import PipelineConfig
-from pipeline.store import open_store
+from pipeline.base.config import PipelineConfig
+from pipeline.base.store import open_store
 
 # Secret block name per credential variable.
 SECRET_BLOCKS = {
@@ -64,7 +64,7 @@ def docker_pool_template(defaults: dict[str, Any]) -> dict[str, Any]:
 
 def main() -> None:
     config = PipelineConfig(create_bucket=True)  # store and endpoint from PIPELINE_* variables
-    open_store(config.artifact_store, config).ensure_writable()
+    open_store(config.artifact_store, **config.store_options()).ensure_writable()
     print(f"stack-setup: artifact store {config.artifact_store} is writable")
 
     for variable, block in SECRET_BLOCKS.items():

@@ -2,11 +2,14 @@
 
 Steps exchange only URIs (the dataset cache, the run directory, the published run), so each
 can run in its own process, container or Kubernetes job. Orchestration concerns (retries,
-caching) live here; the steps in `tasks/` know nothing of Prefect's decorators.
+caching) live here; the steps in `tasks/` are plain functions that know nothing of Prefect's
+decorators. Each step's module is imported inside its task: this process loads MXNet and
+Horovod only when it trains or evaluates itself.
 """
 
 from __future__ import annotations
 
+import functools
 import time
 import uuid
 from datetime import UTC, datetime
@@ -19,16 +22,15 @@ from prefect.deployments import run_deployment
 from prefect.states import State
 from pydantic import BaseModel
 
-from pipeline.config import PipelineConfig
-from pipeline.errors import PipelineError
-from pipeline.store import ConflictError, IntegrityError, open_store
-from tasks import dataset, evaluate, publish, train
+from pipeline.base import layout
+from pipeline.base.config import PipelineConfig
+from pipeline.base.errors import PipelineError
+from pipeline.base.store import ConflictError, IntegrityError, open_store
+from tasks.evaluate.gate import QualityGateFailed, check_gate
+
+__all__ = ["QualityGateFailed", "RunSummary", "StepFailed", "pipeline_step", "training_pipeline"]
 
 StepName = Literal["dataset", "train", "evaluate", "publish"]
-
-
-class QualityGateFailed(PipelineError):
-    """The model missed the quality gate; it is stored but not promoted to latest."""
 
 
 class StepFailed(PipelineError):
@@ -57,8 +59,17 @@ def with_run_id(config: PipelineConfig) -> PipelineConfig:
 
 
 def preflight(config: PipelineConfig) -> None:
-    """Fail on what would fail late: before the dataset and an hour of training, not at publish."""
-    open_store(config.artifact_store, config).ensure_writable()
+    """Fail on what would fail late: before the dataset and an hour of training, not at publish.
+
+    The CLI calls it before Prefect starts a flow run (a bad store is then one error line), the
+    flow calls it for deployment runs; a store checked once in a process is not checked again.
+    """
+    _ensure_writable(config.artifact_store, **config.store_options())
+
+
+@functools.cache
+def _ensure_writable(uri: str, **options: object) -> None:
+    open_store(uri, **options).ensure_writable()
 
 
 # --- the steps as Prefect tasks -------------------------------------------------------------
@@ -67,7 +78,9 @@ def preflight(config: PipelineConfig) -> None:
 def _dataset_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
     # Keyed by the pinned digests *and* the cache files' current size/mtime: a second run reuses
     # the verified cache, but a cache that was deleted or touched is checked again.
-    return dataset.cache_key(parameters["config"])
+    from tasks.dataset import cache_key
+
+    return cache_key(parameters["config"])
 
 
 def _worth_retrying(task: Task, task_run: TaskRun, state: State) -> bool:
@@ -83,23 +96,31 @@ def _worth_retrying(task: Task, task_run: TaskRun, state: State) -> bool:
 
 @task(name="dataset", retries=2, retry_delay_seconds=5, cache_key_fn=_dataset_cache_key)
 def dataset_step(config: PipelineConfig) -> str:
-    return dataset.prepare_dataset(config)
+    from tasks.dataset import prepare_dataset
+
+    return prepare_dataset(config)
 
 
 # No retries: a retry would train from scratch; `--resume` continues from the checkpoint.
 @task(name="train")
 def train_step(config: PipelineConfig, data_uri: str) -> str:
-    return train.train(config, data_uri)
+    from tasks.train.step import train
+
+    return train(config, data_uri)
 
 
 @task(name="evaluate")
 def evaluate_step(config: PipelineConfig, data_uri: str, run_dir_uri: str) -> str:
-    return evaluate.evaluate(config, data_uri, run_dir_uri)
+    from tasks.evaluate.step import evaluate
+
+    return evaluate(config, data_uri, run_dir_uri)
 
 
 @task(name="publish", retries=2, retry_delay_seconds=10, retry_condition_fn=_worth_retrying)
-def publish_step(config: PipelineConfig, run_dir_uri: str, data_uri: str) -> str:
-    return publish.publish(config, run_dir_uri, data_uri)
+def publish_step(config: PipelineConfig, data_uri: str, run_dir_uri: str) -> str:
+    from tasks.publish.step import publish
+
+    return publish(config, data_uri, run_dir_uri)
 
 
 def step_call(
@@ -116,7 +137,7 @@ def step_call(
     return {
         "train": (train_step, (config, data_uri)),
         "evaluate": (evaluate_step, (config, data_uri, run_dir_uri)),
-        "publish": (publish_step, (config, run_dir_uri, data_uri)),
+        "publish": (publish_step, (config, data_uri, run_dir_uri)),
     }[step]
 
 
@@ -174,19 +195,24 @@ class StepRunner:
         return None
 
 
-def _summary(config: PipelineConfig, seconds: dict[str, float]) -> RunSummary:
+def _summary(config: PipelineConfig, seconds: dict[str, float]) -> tuple[RunSummary, dict]:
     # Read back from the store, as any later reader would: the published manifest is the truth.
-    manifest = publish.show_run(config, config.run_id)
+    from tasks.publish.artifacts import show_run
+
+    manifest = show_run(config, config.run_id)
     metrics = manifest["metrics"]
-    return RunSummary(
+    summary = RunSummary(
         run_id=config.run_id,
         train_accuracy=metrics.get("train_accuracy"),
         test_accuracy=metrics["accuracy"],
         gate_threshold=metrics["gate"]["threshold"],
         gate_passed=metrics["gate"]["passed"],
-        published_uri=open_store(config.artifact_store, config).child(f"runs/{config.run_id}").uri,
+        published_uri=open_store(config.artifact_store, **config.store_options())
+        .child(layout.run_key(config.run_id))
+        .uri,
         step_seconds=seconds,
     )
+    return summary, metrics
 
 
 @flow(name="training_pipeline")
@@ -198,16 +224,15 @@ def training_pipeline(config: PipelineConfig | None = None) -> RunSummary | None
 
     data_uri = step("dataset")
     run_dir_uri = step("train", data_uri)
-    if not train.is_coordinator(config):
+    if not config.is_coordinator():
         return None  # this host only contributed its Horovod ranks; host 0 goes on
     step("evaluate", data_uri, run_dir_uri)
     step("publish", data_uri, run_dir_uri)
 
-    summary = _summary(config, step.seconds)
-    if not summary.gate_passed:
-        raise QualityGateFailed(
-            f"quality gate failed: test accuracy {summary.test_accuracy:.4f} < "
-            f"{summary.gate_threshold:.4f}; run {summary.run_id} is stored at "
-            f"{summary.published_uri} for inspection but was not promoted to latest"
-        )
+    summary, metrics = _summary(config, step.seconds)
+    check_gate(
+        metrics,
+        f"; run {summary.run_id} is stored at {summary.published_uri} for inspection but "
+        "was not promoted to latest",
+    )
     return summary

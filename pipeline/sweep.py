@@ -19,12 +19,14 @@ from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from pydantic import BaseModel, Field
 
-from pipeline.config import PipelineConfig
-from pipeline.errors import PipelineError
+from pipeline.base import layout
+from pipeline.base.config import SWEEPABLE, PipelineConfig
+from pipeline.base.errors import PipelineError
 from pipeline.flow import dataset_step, evaluate_step, new_run_id, publish_step, train_step
-from tasks import evaluate
+from tasks.evaluate.gate import read_metrics
+from tasks.evaluate.report import png_data_uri
 
-SweepParameter = Literal["lr", "batch_size", "epochs"]
+SweepParameter = Literal[tuple(SWEEPABLE)]
 DEFAULT_VALIDATION_FRACTION = 0.1
 
 
@@ -59,9 +61,8 @@ def grid_points(grid: dict[SweepParameter, list[float]]) -> list[dict[str, float
     if not grid or any(not values for values in grid.values()):
         raise SweepError("the grid needs at least one value for each parameter it names")
     names = sorted(grid)
-    kinds = {"lr": float, "batch_size": int, "epochs": int}
     return [
-        {name: kinds[name](value) for name, value in zip(names, combo, strict=True)}
+        {name: SWEEPABLE[name](value) for name, value in zip(names, combo, strict=True)}
         for combo in itertools.product(*(grid[name] for name in names))
     ]
 
@@ -117,11 +118,11 @@ def run_trial(config: PipelineConfig, data_uri: str) -> Trial:
     """Train, evaluate and publish one point of the grid."""
     run_dir_uri = train_step(config, data_uri)
     report_uri = evaluate_step(config, data_uri, run_dir_uri)
-    published_uri = publish_step(config, run_dir_uri, data_uri)
-    metrics = evaluate.read_metrics(report_uri)
-    trained = json.loads((config.run_dir() / "metrics" / "train.json").read_text())
+    published_uri = publish_step(config, data_uri, run_dir_uri)
+    metrics = read_metrics(report_uri)
+    trained = json.loads((config.run_dir() / layout.TRAIN_SUMMARY).read_text())
     return Trial(
-        params={name: getattr(config, name) for name in ("lr", "batch_size", "epochs")},
+        params={name: getattr(config, name) for name in SWEEPABLE},
         run_id=config.run_id,
         train_accuracy=metrics.get("train_accuracy"),
         val_accuracy=trained["val_accuracy"],
@@ -177,7 +178,7 @@ def hyperparameter_sweep(
             f"# {sweep_id}\n\nBest configuration by **validation** accuracy: `{best_params}` "
             f"(validation {best.val_accuracy:.4f}, test {best.test_accuracy:.4f}, run "
             f"`{best.run_id}`).\n\n![accuracy against each hyper-parameter]"
-            f"({evaluate.png_data_uri(plot)})\n"
+            f"({png_data_uri(plot)})\n"
         ),
     )
     print(

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.base.config import PipelineConfig
 from pipeline.cli import build_parser
-from pipeline.config import PipelineConfig
 
 PIPELINE = [sys.executable, "-m", "pipeline.cli"]
 
@@ -46,7 +46,7 @@ def test_flags_and_environment_build_one_config(monkeypatch):
     monkeypatch.setenv("PIPELINE_EPOCHS", "3")
     monkeypatch.setenv("PIPELINE_LR", "0.5")
     args = build_parser().parse_args(["run", "--lr", "0.2", "--num-proc", "2"])
-    from pipeline.cli import _config_from
+    from pipeline.commands import config_from as _config_from
 
     config = _config_from(args)
     assert (config.epochs, config.lr, config.num_proc, config.batch_size) == (3, 0.2, 2, 256)

@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.config import PipelineConfig
+from pipeline.base.config import PipelineConfig
 from tests.docker_support import (
     BUILD_TIMEOUT_S,
     DEBIAN_DATA,

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.config import PipelineConfig
+from pipeline.base.config import PipelineConfig
 from tasks import dataset
 from tasks.dataset import (
     FILES,
@@ -40,6 +40,7 @@ from tasks.dataset import (
     prepare_dataset,
     read_record,
 )
+from tasks.dataset import download as dataset_download
 
 ROOT = Path(__file__).resolve().parents[1]
 DEBIAN_MIRROR = dataset.DEBIAN_DATA_DIR.as_uri() + "/"
@@ -51,7 +52,7 @@ SLOW_SECONDS = 0.5  # delay before each response of the slow mirror (makes the r
 CHILD = textwrap.dedent(
     """
     import logging, sys
-    from pipeline.config import PipelineConfig
+    from pipeline.base.config import PipelineConfig
     from tasks.dataset import prepare_dataset
     logging.basicConfig(level=logging.INFO)
     print(prepare_dataset(PipelineConfig.model_validate_json(sys.argv[1])))
@@ -378,7 +379,7 @@ def test_without_the_debian_package_the_error_suggests_installing_it(
     server, refused_mirror, warm_cache, tmp_path, monkeypatch
 ):
     # A test cannot uninstall the package; pointing its location at an empty place is its absence.
-    monkeypatch.setattr(dataset, "DEBIAN_DATA_DIR", tmp_path / "not-installed")
+    monkeypatch.setattr(dataset_download, "DEBIAN_DATA_DIR", tmp_path / "not-installed")
     cache_dir = copy_cache(warm_cache, tmp_path, SMALL)
     with pytest.raises(DatasetError, match=r"apt-get install dataset-fashion-mnist"):
         prepare_dataset(config_for(cache_dir, refused_mirror))

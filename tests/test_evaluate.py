@@ -29,10 +29,23 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 from prefect.testing.utilities import prefect_test_harness
 
-from pipeline.config import PipelineConfig
-from pipeline.errors import PipelineError
-from tasks import evaluate
+from pipeline.base.config import PipelineConfig
+from pipeline.base.errors import PipelineError
 from tasks.dataset import CLASS_NAMES, FashionMNIST, load_dataset, prepare_dataset
+from tasks.evaluate.gate import QualityGateFailed, check_gate, quality_gate, read_metrics
+from tasks.evaluate.metrics import (
+    EvaluationError,
+    confusion_matrix,
+    expected_calibration_error,
+    mean_cross_entropy,
+    most_confident_errors,
+    parse_training_history,
+    per_class_metrics,
+)
+from tasks.evaluate.model_io import ModelFormatError, ModelNotFoundError
+from tasks.evaluate.predict import TOP_K, InputError, format_predictions, predict, read_input_images
+from tasks.evaluate.report import CONFUSION_MATRIX, PICTURES, TRAINING_CURVES
+from tasks.evaluate.step import evaluate, evaluate_model
 
 # The Debian copy of the real data set, used as the only mirror of a per-module cache.
 DEBIAN_MIRROR = "file:///usr/share/datasets/fashion-mnist/"
@@ -136,7 +149,7 @@ def report_dir(
     config = PipelineConfig(
         work_dir=tmp_path_factory.mktemp("work"), min_test_accuracy=PASSING_THRESHOLD
     )
-    report_uri = evaluate.evaluate(config, data_uri, trained_run.run_dir.as_uri())
+    report_uri = evaluate(config, data_uri, trained_run.run_dir.as_uri())
     assert report_uri == (trained_run.run_dir / "report").resolve().as_uri()
     return trained_run.run_dir / "report"
 
@@ -164,10 +177,10 @@ def _softmax(logits: np.ndarray) -> np.ndarray:
 def test_confusion_matrix_and_per_class_metrics_by_hand() -> None:
     labels = np.array([0, 0, 1, 1, 2, 2])
     predicted = np.array([0, 1, 1, 1, 0, 0])  # class 2 is never predicted
-    confusion = evaluate.confusion_matrix(labels, predicted, num_classes=3)
+    confusion = confusion_matrix(labels, predicted, num_classes=3)
     assert confusion.tolist() == [[1, 1, 0], [0, 2, 0], [2, 0, 0]]
 
-    rows = evaluate.per_class_metrics(confusion, class_names=("a", "b", "c"))
+    rows = per_class_metrics(confusion, class_names=("a", "b", "c"))
     assert [row["class"] for row in rows] == ["a", "b", "c"]
     assert [row["support"] for row in rows] == [2, 2, 2]
     assert [row["predicted"] for row in rows] == [3, 3, 0]
@@ -184,8 +197,8 @@ def test_confusion_matrix_and_per_class_metrics_by_hand() -> None:
 
 
 def test_class_without_images_has_zero_recall() -> None:
-    confusion = evaluate.confusion_matrix(np.array([0, 0]), np.array([0, 1]), num_classes=3)
-    rows = evaluate.per_class_metrics(confusion, class_names=("a", "b", "c"))
+    confusion = confusion_matrix(np.array([0, 0]), np.array([0, 1]), num_classes=3)
+    rows = per_class_metrics(confusion, class_names=("a", "b", "c"))
     assert rows[1]["support"] == 0 and rows[1]["recall"] == 0.0 and rows[1]["precision"] == 0.0
     assert rows[2] == {
         "class": "c",
@@ -202,10 +215,10 @@ def test_mean_cross_entropy_by_hand() -> None:
     probabilities = np.array([[0.5, 0.25, 0.25], [0.1, 0.8, 0.1]])
     labels = np.array([0, 1])
     expected = -(math.log(0.5) + math.log(0.8)) / 2
-    assert evaluate.mean_cross_entropy(np.log(probabilities), labels) == pytest.approx(expected)
+    assert mean_cross_entropy(np.log(probabilities), labels) == pytest.approx(expected)
     # Scores are shift-invariant, and huge scores must not overflow.
     shifted = np.log(probabilities) + 1000.0
-    assert evaluate.mean_cross_entropy(shifted, labels) == pytest.approx(expected)
+    assert mean_cross_entropy(shifted, labels) == pytest.approx(expected)
 
 
 def test_expected_calibration_error_by_hand() -> None:
@@ -219,20 +232,20 @@ def test_expected_calibration_error_by_hand() -> None:
     )
     labels = np.array([0, 1, 1, 0])
     # 2/4 * |0.5 - 0.9| + 1/4 * |1 - 0.7| + 1/4 * |0 - 0.5| = 0.2 + 0.075 + 0.125
-    assert evaluate.expected_calibration_error(probabilities, labels) == pytest.approx(0.4)
+    assert expected_calibration_error(probabilities, labels) == pytest.approx(0.4)
     # Perfectly calibrated: four predictions at confidence 0.75, three of them right.
     calibrated = np.array([[0.75, 0.25], [0.75, 0.25], [0.75, 0.25], [0.25, 0.75]])
     labels = np.zeros(4, dtype=int)
-    assert evaluate.expected_calibration_error(calibrated, labels) == pytest.approx(0.0, abs=1e-12)
+    assert expected_calibration_error(calibrated, labels) == pytest.approx(0.0, abs=1e-12)
 
 
 def test_quality_gate_and_check_gate() -> None:
-    assert evaluate.quality_gate(0.8, 0.8)["passed"] is True  # at the threshold passes
-    gate = evaluate.quality_gate(0.7912, 0.8)
+    assert quality_gate(0.8, 0.8)["passed"] is True  # at the threshold passes
+    gate = quality_gate(0.7912, 0.8)
     assert gate == {"metric": "accuracy", "threshold": 0.8, "value": 0.7912, "passed": False}
-    evaluate.check_gate({"gate": evaluate.quality_gate(0.85, 0.8)})
-    with pytest.raises(evaluate.QualityGateError) as info:
-        evaluate.check_gate({"gate": gate})
+    check_gate({"gate": quality_gate(0.85, 0.8)})
+    with pytest.raises(QualityGateFailed) as info:
+        check_gate({"gate": gate})
     message = _one_line(info)
     assert "0.7912" in message and "0.8000" in message
 
@@ -240,8 +253,8 @@ def test_quality_gate_and_check_gate() -> None:
 def test_most_confident_errors_orders_by_confidence() -> None:
     probabilities = np.array([[0.9, 0.1], [0.3, 0.7], [0.2, 0.8], [0.6, 0.4], [0.55, 0.45]])
     labels = np.array([1, 0, 0, 0, 1])  # wrong: 0 (0.9), 1 (0.7), 2 (0.8), 4 (0.55)
-    assert evaluate.most_confident_errors(probabilities, labels, 3).tolist() == [0, 2, 1]
-    assert evaluate.most_confident_errors(probabilities, labels, 10).tolist() == [0, 2, 1, 4]
+    assert most_confident_errors(probabilities, labels, 3).tolist() == [0, 2, 1]
+    assert most_confident_errors(probabilities, labels, 10).tolist() == [0, 2, 1, 4]
 
 
 # --- the real model on the real test set ----------------------------------------------------
@@ -251,7 +264,7 @@ def test_evaluation_matches_independent_computation(
     report_dir: Path, trained_run: TrainedRun, data: FashionMNIST
 ) -> None:
     metrics = json.loads((report_dir / "metrics.json").read_text())
-    assert evaluate.read_metrics(report_dir.as_uri()) == metrics
+    assert read_metrics(report_dir.as_uri()) == metrics
 
     independent = trained_run.test_logits.argmax(axis=1)
     independent_accuracy = float((independent == data.test_labels).mean())
@@ -284,8 +297,8 @@ def test_evaluation_matches_independent_computation(
 
 def test_report_pictures_and_markdown(report_dir: Path, trained_run: TrainedRun) -> None:
     report = (report_dir / "report.md").read_text()
-    metrics = evaluate.read_metrics(str(report_dir))
-    for picture in evaluate.PICTURES:
+    metrics = read_metrics(str(report_dir))
+    for picture in PICTURES:
         with Image.open(report_dir / picture.file_name) as image:
             assert image.format == "PNG"
             assert image.size == picture.size_pixels
@@ -308,7 +321,7 @@ def test_failing_gate_on_a_model_only_run_dir(
     config = PipelineConfig(work_dir=tmp_path, min_test_accuracy=threshold)
 
     out_dir = tmp_path / "evaluation"
-    metrics = evaluate.evaluate_model(str(run_dir), data_uri, out_dir, config)
+    metrics = evaluate_model(str(run_dir), data_uri, out_dir, config)
 
     assert metrics["gate"] == {
         "metric": "accuracy",
@@ -321,10 +334,10 @@ def test_failing_gate_on_a_model_only_run_dir(
     assert f"FAILED: accuracy {achieved:.4f} < {threshold:.4f}" in report
     assert "n/a (no metrics/train.json)" in report
     # Without a training history there is no training-curves picture, and no link to one.
-    assert not (out_dir / evaluate.TRAINING_CURVES.file_name).exists()
-    assert evaluate.TRAINING_CURVES.file_name not in report
-    with pytest.raises(evaluate.QualityGateError) as info:
-        evaluate.check_gate(metrics)
+    assert not (out_dir / TRAINING_CURVES.file_name).exists()
+    assert TRAINING_CURVES.file_name not in report
+    with pytest.raises(QualityGateFailed) as info:
+        check_gate(metrics)
     message = _one_line(info)
     assert f"{achieved:.4f}" in message and f"{threshold:.4f}" in message
 
@@ -338,10 +351,10 @@ def test_predict_png_as_is_and_warns_on_light_background(
     inverted = image_png.with_name("inverted.png")
     Image.fromarray(255 - data.test_images[0], mode="L").save(inverted)
 
-    plain, light = evaluate.predict(trained_run.run_dir.as_uri(), [image_png, inverted], config)
+    plain, light = predict(trained_run.run_dir.as_uri(), [image_png, inverted], config)
 
     expected = _softmax(trained_run.test_logits[0])
-    ranked = np.argsort(-expected)[: evaluate.TOP_K]
+    ranked = np.argsort(-expected)[:TOP_K]
     assert plain.source == "test-0.png"
     assert [name for name, _ in plain.top] == [CLASS_NAMES[i] for i in ranked]
     assert [p for _, p in plain.top] == pytest.approx(expected[ranked].tolist(), rel=1e-4)
@@ -351,7 +364,7 @@ def test_predict_png_as_is_and_warns_on_light_background(
     assert len(light.notes) == 1
     assert "light background" in light.notes[0] and "not inverted" in light.notes[0]
 
-    printed = evaluate.format_predictions([plain, light])
+    printed = format_predictions([plain, light])
     assert f"{plain.label} {plain.top[0][1]:.1%}" in printed
     assert "light background" in printed
 
@@ -365,16 +378,16 @@ def test_predict_bigger_rgb_jpeg_states_the_conversion(
         "RGB"
     ).save(jpeg, quality=95)
 
-    [prediction] = evaluate.predict(str(trained_run.run_dir), [jpeg], config)
+    [prediction] = predict(str(trained_run.run_dir), [jpeg], config)
 
     assert prediction.notes == ("converted RGB to grayscale", "resized 112x112 to 28x28")
     probabilities = [p for _, p in prediction.top]
     assert probabilities == sorted(probabilities, reverse=True) and sum(probabilities) <= 1.0001
     # The converted pixels are the original image, up to JPEG and resampling error.
-    [(_, pixels, _)] = evaluate.read_input_images(jpeg)
+    [(_, pixels, _)] = read_input_images(jpeg)
     assert pixels.shape == (28, 28) and pixels.dtype == np.uint8
     assert np.abs(pixels.astype(int) - original.astype(int)).mean() < 8
-    assert "converted RGB to grayscale" in evaluate.format_predictions([prediction])
+    assert "converted RGB to grayscale" in format_predictions([prediction])
 
 
 def test_predict_idx_raw_and_gzipped(
@@ -386,7 +399,7 @@ def test_predict_idx_raw_and_gzipped(
     raw_path.write_bytes(idx)
     gz_path.write_bytes(gzip.compress(idx))
 
-    predictions = evaluate.predict(str(trained_run.run_dir), [raw_path, gz_path], config)
+    predictions = predict(str(trained_run.run_dir), [raw_path, gz_path], config)
 
     expected = [CLASS_NAMES[i] for i in trained_run.test_logits[:count].argmax(axis=1)]
     assert [p.label for p in predictions] == expected * 2
@@ -395,7 +408,7 @@ def test_predict_idx_raw_and_gzipped(
         "few-images-idx3-ubyte[1]",
     ]
     assert predictions[count].source == "few-images-idx3-ubyte.gz[0]"
-    assert all(p.notes == () and len(p.top) == evaluate.TOP_K for p in predictions)
+    assert all(p.notes == () and len(p.top) == TOP_K for p in predictions)
 
 
 @pytest.mark.s3
@@ -420,19 +433,19 @@ def test_evaluate_and_predict_a_run_stored_in_s3(
         s3_endpoint_url=s3_env.endpoint, min_test_accuracy=PASSING_THRESHOLD, work_dir=tmp_path
     )
 
-    metrics = evaluate.evaluate_model(run_uri, data_uri, tmp_path / "report", config)
-    [prediction] = evaluate.predict(run_uri, [image_png], config)
+    metrics = evaluate_model(run_uri, data_uri, tmp_path / "report", config)
+    [prediction] = predict(run_uri, [image_png], config)
 
     independent = trained_run.test_logits.argmax(axis=1)
     assert metrics["accuracy"] == float((independent == data.test_labels).mean())
     assert metrics["train_accuracy"] == trained_run.summary["train_accuracy"]
-    assert (tmp_path / "report" / evaluate.TRAINING_CURVES.file_name).is_file()
+    assert (tmp_path / "report" / TRAINING_CURVES.file_name).is_file()
     assert run_uri in (tmp_path / "report" / "report.md").read_text()
     assert prediction.label == CLASS_NAMES[independent[0]]
 
     missing = f"{s3_store_uri}/runs/no-such-run"
     with pytest.raises(PipelineError) as info:
-        evaluate.predict(missing, [image_png], config)
+        predict(missing, [image_png], config)
     assert missing in _one_line(info)
 
 
@@ -444,12 +457,12 @@ def test_missing_model_uri(
 ) -> None:
     missing = tmp_path / "runs" / "no-such-run"
     for uri in (str(missing), missing.as_uri()):
-        with pytest.raises(evaluate.ModelNotFoundError) as info:
-            evaluate.predict(uri, [image_png], config)
+        with pytest.raises(ModelNotFoundError) as info:
+            predict(uri, [image_png], config)
         message = _one_line(info)
         assert uri in message and "model/model-symbol.json" in message
-    with pytest.raises(evaluate.EvaluationError) as info:
-        evaluate.evaluate_model("http://example.com/run", data_uri, tmp_path / "out", config)
+    with pytest.raises(EvaluationError) as info:
+        evaluate_model("http://example.com/run", data_uri, tmp_path / "out", config)
     assert "unsupported URI scheme 'http'" in _one_line(info)
 
 
@@ -474,8 +487,8 @@ def test_model_of_the_wrong_shape(
     net(nd.zeros((1, in_units)))  # a hybridized block is exported after one forward pass
     _export(net, tmp_path)
 
-    with pytest.raises(evaluate.ModelFormatError) as info:
-        evaluate.predict(str(tmp_path), [image_png], config)
+    with pytest.raises(ModelFormatError) as info:
+        predict(str(tmp_path), [image_png], config)
     message = _one_line(info)
     assert str(tmp_path) in message and expected in message
 
@@ -488,8 +501,8 @@ def test_corrupted_params_file(
     params = run_dir / "model" / "model-0000.params"
     params.write_bytes(params.read_bytes()[: params.stat().st_size // 2])  # a cut-off download
 
-    with pytest.raises(evaluate.ModelFormatError) as info:
-        evaluate.evaluate_model(run_dir.as_uri(), data_uri, tmp_path / "out", config)
+    with pytest.raises(ModelFormatError) as info:
+        evaluate_model(run_dir.as_uri(), data_uri, tmp_path / "out", config)
     message = _one_line(info)
     assert run_dir.as_uri() in message and "model-0000.params" in message
     assert "Invalid NDArray file format" in message  # MXNet's own reason, without its trace
@@ -509,8 +522,8 @@ def test_params_file_of_another_model(
         tmp_path / "other" / "model" / "model-0000.params", run_dir / "model" / "model-0000.params"
     )
 
-    with pytest.raises(evaluate.ModelFormatError) as info:
-        evaluate.predict(str(run_dir), [image_png], config)
+    with pytest.raises(ModelFormatError) as info:
+        predict(str(run_dir), [image_png], config)
     message = _one_line(info)
     assert str(run_dir) in message and "is missing in file" in message
 
@@ -537,21 +550,21 @@ def test_inputs_that_are_not_images(
         tmp_path / "absent.png": "cannot read: No such file or directory",
     }
     for path, expected in cases.items():
-        with pytest.raises(evaluate.InputError) as info:
-            evaluate.predict(str(trained_run.run_dir), [path], config)
+        with pytest.raises(InputError) as info:
+            predict(str(trained_run.run_dir), [path], config)
         message = _one_line(info)
         assert str(path) in message and expected in message
 
 
 def test_read_metrics_of_a_directory_without_report(tmp_path: Path) -> None:
-    with pytest.raises(evaluate.EvaluationError) as info:
-        evaluate.read_metrics(tmp_path.as_uri())
+    with pytest.raises(EvaluationError) as info:
+        read_metrics(tmp_path.as_uri())
     assert tmp_path.as_uri() in _one_line(info)
 
 
 def test_malformed_training_history() -> None:
-    with pytest.raises(evaluate.EvaluationError) as info:
-        evaluate.parse_training_history('{"epoch": 1, "loss": 0.7}\n{"epoch": 2,\n', "x.jsonl")
+    with pytest.raises(EvaluationError) as info:
+        parse_training_history('{"epoch": 1, "loss": 0.7}\n{"epoch": 2,\n', "x.jsonl")
     assert _one_line(info).startswith("x.jsonl: line 2 is not JSON")
 
 
@@ -582,12 +595,12 @@ def test_prefect_artifacts_only_inside_a_flow_run(
     shutil.copytree(trained_run.run_dir, run_dir, ignore=shutil.ignore_patterns("report"))
 
     # A plain call (as the CLI makes) has no run context: no artifacts.
-    evaluate.evaluate_model(str(run_dir), data_uri, tmp_path / "plain", config)
+    evaluate_model(str(run_dir), data_uri, tmp_path / "plain", config)
     assert _artifacts() == []
 
     @task(name="evaluate")
     def evaluate_step(run_dir_uri: str) -> str:
-        return evaluate.evaluate(config, data_uri, run_dir_uri)
+        return evaluate(config, data_uri, run_dir_uri)
 
     @flow(name="evaluate-test")
     def evaluation_flow() -> str:
@@ -595,7 +608,7 @@ def test_prefect_artifacts_only_inside_a_flow_run(
 
     state = evaluation_flow(return_state=True)
     assert state.is_completed()
-    metrics = evaluate.read_metrics(state.result())
+    metrics = read_metrics(state.result())
 
     artifacts = {a.key: a for a in _artifacts(state.state_details.flow_run_id)}
     assert set(artifacts) == {"evaluation-report", "per-class-metrics"}
@@ -605,10 +618,10 @@ def test_prefect_artifacts_only_inside_a_flow_run(
     assert f"| test accuracy | {metrics['accuracy']:.4f} |" in markdown.data
     assert f"{metrics['accuracy']:.4f}" in markdown.description
     prefix = "](data:image/png;base64,"
-    assert markdown.data.count(prefix) == len(evaluate.PICTURES)
+    assert markdown.data.count(prefix) == len(PICTURES)
     embedded = markdown.data.split(prefix, 1)[1].split(")", 1)[0]
     with Image.open(io.BytesIO(base64.b64decode(embedded))) as image:
-        assert image.size == evaluate.CONFUSION_MATRIX.size_pixels
+        assert image.size == CONFUSION_MATRIX.size_pixels
 
     table = artifacts["per-class-metrics"]
     assert table.type == "table"

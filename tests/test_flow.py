@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from prefect.testing.utilities import prefect_test_harness
 
-from pipeline.config import PipelineConfig
+from pipeline.base.config import PipelineConfig
 from pipeline.flow import QualityGateFailed, training_pipeline
 
 DEBIAN_MIRROR = "file:///usr/share/datasets/fashion-mnist/"

@@ -24,7 +24,9 @@ import jsonschema
 import pytest
 import yaml
 
-from k8s.render import (
+from pipeline.base.config import PipelineConfig
+from pipeline.cli import build_parser
+from tests.support.k8s_render import (
     K8S_DIR,
     OVERLAYS,
     WORK_POOL_TEMPLATE,
@@ -37,8 +39,6 @@ from k8s.render import (
     render_flow_run_job,
     tool_path,
 )
-from pipeline.cli import build_parser
-from pipeline.config import PipelineConfig
 
 KUBERNETES_VERSIONS = ("1.30", "1.37")
 KUSTOMIZATIONS = tuple(f"overlays/{name}" for name in OVERLAYS) + ("mpijob",)

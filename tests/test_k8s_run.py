@@ -1,9 +1,10 @@
 """Run what the Kubernetes manifests say, in the real Docker engine (no cluster can run here).
 
 Each pod's container is resolved from the rendered dev overlay (image, command, args,
-environment, user, read-only root with its emptyDir mounts) by `k8s.render.container_run`,
-with stand-in values for the Secrets, and started with `docker run` under the same
-restrictions (non-root, read-only root, all capabilities dropped, no privilege escalation).
+environment, user, read-only root with its emptyDir mounts) by `container_run` of
+`tests.support.k8s_render`, with stand-in values for the Secrets, and started with `docker run`
+under the same restrictions (non-root, read-only root, all capabilities dropped, no privilege
+escalation).
 The dev overlay's own SeaweedFS StatefulSet is the S3 store, on one Docker network named like
 the cluster's Services. Marked `containers`: it follows that module's skip/fail rule.
 """
@@ -21,12 +22,13 @@ import numpy as np
 import pytest
 from botocore.config import Config
 
-from k8s.render import ContainerRun, container_run, render
-from pipeline.config import PipelineConfig
-from tasks import dataset, train
-from tests.conftest import free_port
+from pipeline.base.config import PipelineConfig
+from tasks import dataset
+from tasks.train.step import train as train_step
 from tests.docker_support import DEBIAN_DATA, LABEL, docker
 from tests.prefect_server import wait_for
+from tests.support.k8s_render import ContainerRun, container_run, render
+from tests.support.seaweedfs import free_port
 
 pytestmark = [pytest.mark.containers, pytest.mark.timeout(2400)]
 
@@ -165,7 +167,7 @@ def single_host_reference(tmp_path, epochs: int) -> Mapping[str, np.ndarray]:
         work_dir=tmp_path / "work",
         run_id="reference",
     )
-    run_dir = train.train(config, dataset.prepare_dataset(config))
+    run_dir = train_step(config, dataset.prepare_dataset(config))
     params = mx.nd.load(str(config.run_dir() / "model" / "model.params"))
     assert run_dir.endswith("/reference")
     return {name: array.asnumpy() for name, array in params.items()}

@@ -165,7 +165,7 @@ def training_processes(marker: str) -> list[psutil.Process]:
     found = []
     for process in psutil.process_iter(["cmdline"]):
         cmdline = " ".join(process.info["cmdline"] or [])
-        if marker in cmdline and ("horovodrun" in cmdline or "tasks.train" in cmdline):
+        if marker in cmdline and ("horovodrun" in cmdline or "tasks.train.rank" in cmdline):
             found.append(process)
     return found
 

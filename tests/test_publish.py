@@ -23,10 +23,9 @@ import pytest
 from PIL import Image
 
 from pipeline import cli
-from pipeline.config import ConfigError, PipelineConfig
-from pipeline.store import (
-    LATEST,
-    MANIFEST,
+from pipeline.base.config import ConfigError, PipelineConfig
+from pipeline.base.layout import LATEST, MANIFEST
+from pipeline.base.store import (
     ArtifactStore,
     ConflictError,
     FileStore,
@@ -34,8 +33,10 @@ from pipeline.store import (
     StoreError,
     open_store,
 )
-from tasks import publish
 from tasks.dataset import CLASS_NAMES, prepare_dataset, read_record
+from tasks.publish.artifacts import list_runs, pull_run, show_run, verify_run
+from tasks.publish.manifest import format_run_line, utc_iso
+from tasks.publish.step import PublishError, promote_latest, publish, publish_run
 
 DEBIAN_MIRROR = "file:///usr/share/datasets/fashion-mnist/"
 T0 = 1_700_000_000.0  # creation time of the first test run; later runs are newer
@@ -117,7 +118,7 @@ def with_run(config: PipelineConfig, run_id: str) -> PipelineConfig:
 
 
 def read_latest(config: PipelineConfig) -> dict:
-    blob = open_store(config.artifact_store, config).get(LATEST)
+    blob = open_store(config.artifact_store, **config.store_options()).get(LATEST)
     assert blob is not None, "latest.json is missing"
     return json.loads(blob.data)
 
@@ -152,11 +153,11 @@ def test_publish_then_list_show_pull_verify(
     config = with_run(store_config, "run-a")
     run_dir = make_run_dir(config, created=T0)
 
-    uri = publish.publish(config, run_dir.resolve().as_uri(), dataset_uri)
+    uri = publish(config, dataset_uri, run_dir.resolve().as_uri())
 
-    store = open_store(config.artifact_store, config)
+    store = open_store(config.artifact_store, **config.store_options())
     assert uri == store.child("runs/run-a").uri
-    manifest = publish.show_run(config, "run-a")
+    manifest = show_run(config, "run-a")
     keys = published_keys(run_dir)
     assert "report/confusion_matrix.png" in keys and len(keys) == 9
     assert set(manifest["objects"]) == keys
@@ -175,26 +176,26 @@ def test_publish_then_list_show_pull_verify(
     assert datetime.fromisoformat(manifest["created_at"]) == datetime.fromtimestamp(T0, UTC)
     assert manifest["published_at"] > manifest["created_at"]
 
-    [run] = publish.list_runs(config)
+    [run] = list_runs(config)
     assert run["run_id"] == "run-a" and run["accuracy"] == 0.84
     assert run["gate_passed"] and run["latest"]
-    assert "run-a  accuracy 0.8400  gate passed" in publish.format_run_line(run)
+    assert "run-a  accuracy 0.8400  gate passed" in format_run_line(run)
     assert read_latest(config)["run_id"] == "run-a"
 
-    pulled = publish.pull_run(config, "run-a", tmp_path / "pulled")
+    pulled = pull_run(config, "run-a", tmp_path / "pulled")
     assert published_keys(pulled) == keys | {MANIFEST}
     for key in keys:
         assert (pulled / key).read_bytes() == (run_dir / key).read_bytes()
     assert json.loads((pulled / MANIFEST).read_text()) == manifest
-    assert publish.verify_run(config, "run-a") == []
+    assert verify_run(config, "run-a") == []
 
 
 def test_cli_artifacts_commands(
     store_config: PipelineConfig, record: dict, tmp_path: Path, capsys, tamper
 ) -> None:
     config = with_run(store_config, "run-cli")
-    publish.publish_run(
-        open_store(config.artifact_store, config),
+    publish_run(
+        open_store(config.artifact_store, **config.store_options()),
         make_run_dir(config, created=T0),
         record,
         config,
@@ -208,7 +209,7 @@ def test_cli_artifacts_commands(
     assert cli.main(["artifacts", *flags, "verify", "run-cli"]) == 0
     capsys.readouterr()
 
-    run_store = open_store(config.artifact_store, config).child("runs/run-cli")
+    run_store = open_store(config.artifact_store, **config.store_options()).child("runs/run-cli")
     tamper(run_store, "report/report.md", b"# Run run-cli\n\naccuracy 0.99\n")  # same size
     assert cli.main(["artifacts", *flags, "verify", "run-cli"]) == 1
     err = capsys.readouterr().err
@@ -225,23 +226,23 @@ def test_publishing_again_uploads_nothing_and_repairs_damage(
 ) -> None:
     config = with_run(store_config, "run-a")
     run_dir = make_run_dir(config, created=T0)
-    store = open_store(config.artifact_store, config)
-    first = publish.publish_run(store, run_dir, record, config)
+    store = open_store(config.artifact_store, **config.store_options())
+    first = publish_run(store, run_dir, record, config)
     assert set(first.uploaded) == published_keys(run_dir) and first.promoted
     run_store = store.child("runs/run-a")
     state = {key: run_store.rehash(key) for key in run_store.list_keys()}
     latest = store.get(LATEST)
 
-    again = publish.publish_run(store, run_dir, record, config)
+    again = publish_run(store, run_dir, record, config)
     assert again.uploaded == [] and not again.promoted  # latest is already this run
     assert again.run_uri == first.run_uri
     assert {key: run_store.rehash(key) for key in run_store.list_keys()} == state
     assert store.get(LATEST) == latest  # same bytes, same version: not rewritten
 
     tamper(run_store, "model/model.params", None)
-    repaired = publish.publish_run(store, run_dir, record, config)
+    repaired = publish_run(store, run_dir, record, config)
     assert repaired.uploaded == ["model/model.params"]
-    assert publish.verify_run(config, "run-a") == []
+    assert verify_run(config, "run-a") == []
 
 
 def test_a_run_id_is_never_overwritten_with_other_content(
@@ -249,16 +250,16 @@ def test_a_run_id_is_never_overwritten_with_other_content(
 ) -> None:
     config = with_run(store_config, "run-a")
     run_dir = make_run_dir(config, created=T0)
-    store = open_store(config.artifact_store, config)
-    publish.publish_run(store, run_dir, record, config)
+    store = open_store(config.artifact_store, **config.store_options())
+    publish_run(store, run_dir, record, config)
     stored_before = store.child("runs/run-a").rehash("report/report.md")
 
     (run_dir / "report/report.md").write_text("# a different report\n")
     with pytest.raises(ConflictError, match="already published with different content") as info:
-        publish.publish_run(store, run_dir, record, config)
+        publish_run(store, run_dir, record, config)
     assert "runs/run-a" in str(info.value) and "report/report.md" in str(info.value)
     assert store.child("runs/run-a").rehash("report/report.md") == stored_before
-    assert publish.verify_run(config, "run-a") == []
+    assert verify_run(config, "run-a") == []
 
 
 # --- latest.json ----------------------------------------------------------------------------------
@@ -267,31 +268,31 @@ def test_a_run_id_is_never_overwritten_with_other_content(
 def test_gate_failure_is_stored_but_not_promoted(
     store_config: PipelineConfig, record: dict
 ) -> None:
-    store = open_store(store_config.artifact_store, store_config)
+    store = open_store(store_config.artifact_store, **store_config.store_options())
     good = with_run(store_config, "run-good")
-    publish.publish_run(store, make_run_dir(good, created=T0), record, good)
+    publish_run(store, make_run_dir(good, created=T0), record, good)
     bad = with_run(store_config, "run-bad")
     run_dir = make_run_dir(bad, created=T0 + 60, accuracy=0.42, passed=False)
 
-    result = publish.publish_run(store, run_dir, record, bad)
+    result = publish_run(store, run_dir, record, bad)
 
     assert not result.promoted
     assert read_latest(store_config)["run_id"] == "run-good"
-    runs = publish.list_runs(store_config)
+    runs = list_runs(store_config)
     assert [(r["run_id"], r["gate_passed"], r["latest"]) for r in runs] == [
         ("run-bad", False, False),
         ("run-good", True, True),
     ]
-    assert "gate FAILED" in publish.format_run_line(runs[0])
+    assert "gate FAILED" in format_run_line(runs[0])
 
 
 def test_latest_only_moves_forward(store_config: PipelineConfig, record: dict) -> None:
-    store = open_store(store_config.artifact_store, store_config)
+    store = open_store(store_config.artifact_store, **store_config.store_options())
 
     def publish_at(run_id: str, created: float) -> bool:
         config = with_run(store_config, run_id)
         run_dir = make_run_dir(config, created=created)
-        return publish.publish_run(store, run_dir, record, config).promoted
+        return publish_run(store, run_dir, record, config).promoted
 
     assert publish_at("run-new", T0 + 100)
     assert not publish_at("run-old", T0)  # a late publish of an older run
@@ -306,7 +307,7 @@ def test_latest_only_moves_forward(store_config: PipelineConfig, record: dict) -
 def test_racing_publishers_both_complete_and_latest_is_the_newer(
     store_config: PipelineConfig, record: dict
 ) -> None:
-    store = open_store(store_config.artifact_store, store_config)
+    store = open_store(store_config.artifact_store, **store_config.store_options())
     configs = [with_run(store_config, f"race-{i}") for i in range(2)]
     run_dirs = [make_run_dir(c, created=T0 + i) for i, c in enumerate(configs)]
     barrier = threading.Barrier(len(configs))
@@ -315,7 +316,7 @@ def test_racing_publishers_both_complete_and_latest_is_the_newer(
     def run(config: PipelineConfig, run_dir: Path) -> None:
         try:
             barrier.wait(timeout=30)
-            publish.publish_run(store, run_dir, record, config)
+            publish_run(store, run_dir, record, config)
         except BaseException as exc:  # reported by the main thread
             errors.append(exc)
 
@@ -327,14 +328,14 @@ def test_racing_publishers_both_complete_and_latest_is_the_newer(
     for thread in threads:
         thread.join(timeout=120)
     assert not errors
-    assert [r["run_id"] for r in publish.list_runs(store_config)] == ["race-1", "race-0"]
+    assert [r["run_id"] for r in list_runs(store_config)] == ["race-1", "race-0"]
     assert read_latest(store_config)["run_id"] == "race-1"
 
 
 def test_compare_and_swap_keeps_the_newest_under_contention(
     store_config: PipelineConfig,
 ) -> None:
-    store = open_store(store_config.artifact_store, store_config)
+    store = open_store(store_config.artifact_store, **store_config.store_options())
     store.ensure_writable()
     writers = 6
     for round_ in range(3):
@@ -342,7 +343,7 @@ def test_compare_and_swap_keeps_the_newest_under_contention(
         manifests = [
             {
                 "run_id": f"r{round_}-{age}",
-                "created_at": publish._utc(T0 + 100 * round_ + age),
+                "created_at": utc_iso(T0 + 100 * round_ + age),
                 "metrics": {"accuracy": 0.8},
             }
             for age in ages
@@ -353,7 +354,7 @@ def test_compare_and_swap_keeps_the_newest_under_contention(
         def promote(manifest: dict, barrier=barrier, results=results) -> None:
             barrier.wait(timeout=30)
             try:
-                results[manifest["run_id"]] = publish.promote_latest(store, manifest)
+                results[manifest["run_id"]] = promote_latest(store, manifest)
             except BaseException as exc:  # reported by the main thread
                 results[manifest["run_id"]] = exc
 
@@ -374,9 +375,9 @@ PUBLISHER = """
 import json, resource, signal, sys
 from pathlib import Path
 from boto3.s3.transfer import TransferConfig
-from pipeline.config import PipelineConfig
-from pipeline.store import open_store
-from tasks.publish import publish_run
+from pipeline.base.config import PipelineConfig
+from pipeline.base.store import open_store
+from tasks.publish.step import publish_run
 
 args = json.loads(sys.argv[1])
 if args.get("max_file_bytes"):
@@ -386,7 +387,7 @@ if args.get("max_file_bytes"):
     resource.setrlimit(resource.RLIMIT_FSIZE, (args["max_file_bytes"],) * 2)
 config = PipelineConfig.model_validate_json(args["config"])
 transfer = TransferConfig(**args["transfer"]) if args.get("transfer") else None
-store = open_store(config.artifact_store, config, transfer)
+store = open_store(config.artifact_store, **config.store_options(), transfer=transfer)
 publish_run(store, Path(args["run_dir"]), args["record"], config)
 """
 
@@ -404,18 +405,18 @@ def assert_incomplete_then_completed(
     config: PipelineConfig, run_dir: Path, record: dict, completed_before: set[str]
 ) -> None:
     """The killed run is invisible; publishing it again finishes it, re-sending only the rest."""
-    assert publish.list_runs(config) == []
+    assert list_runs(config) == []
     with pytest.raises(StoreError, match="publish did not finish"):
-        publish.show_run(config, config.run_id)
+        show_run(config, config.run_id)
     assert completed_before, "nothing was stored before the kill"
     assert "model/large.bin" not in completed_before
 
-    store = open_store(config.artifact_store, config)
-    result = publish.publish_run(store, run_dir, record, config)
+    store = open_store(config.artifact_store, **config.store_options())
+    result = publish_run(store, run_dir, record, config)
     assert "model/large.bin" in result.uploaded
     assert not completed_before & set(result.uploaded)
-    assert [r["run_id"] for r in publish.list_runs(config)] == [config.run_id]
-    assert publish.verify_run(config, config.run_id) == []
+    assert [r["run_id"] for r in list_runs(config)] == [config.run_id]
+    assert verify_run(config, config.run_id) == []
 
 
 @pytest.mark.s3
@@ -464,7 +465,7 @@ def test_publisher_killed_mid_upload_leaves_an_invisible_run(
             process.kill()
             process.wait()
 
-    run_store = open_store(s3_store_uri, config).child("runs/run-killed")
+    run_store = open_store(s3_store_uri, **config.store_options()).child("runs/run-killed")
     assert run_store.stat(MANIFEST) is None
     assert run_store.stat("model/large.bin") is None  # a multipart upload is all or nothing
     assert_incomplete_then_completed(config, run_dir, record, set(run_store.list_keys()))
@@ -501,15 +502,15 @@ def test_altered_object_is_reported_by_verify_and_pull(
 ) -> None:
     config = with_run(store_config, "run-a")
     run_dir = make_run_dir(config, created=T0)
-    store = open_store(config.artifact_store, config)
-    publish.publish_run(store, run_dir, record, config)
+    store = open_store(config.artifact_store, **config.store_options())
+    publish_run(store, run_dir, record, config)
     original = (run_dir / "model/model.params").read_bytes()
     tamper(store.child("runs/run-a"), "model/model.params", bytes(len(original)))
 
-    problems = publish.verify_run(config, "run-a")
+    problems = verify_run(config, "run-a")
     assert len(problems) == 1 and problems[0].startswith("model/model.params: SHA-256")
     with pytest.raises(IntegrityError, match="runs/run-a/model/model.params") as info:
-        publish.pull_run(config, "run-a", tmp_path / "pulled")
+        pull_run(config, "run-a", tmp_path / "pulled")
     assert hashlib.sha256(original).hexdigest() in str(info.value)
     assert not (tmp_path / "pulled" / "model" / "model.params").exists()
     assert not list((tmp_path / "pulled").rglob(".*.partial"))
@@ -528,7 +529,7 @@ def test_wrong_credentials_fail_before_anything_is_written(
     run_dir = make_run_dir(config, created=T0)
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-the-secret")
     with pytest.raises(StoreError) as info:
-        publish.publish_run(open_store(s3_store_uri, config), run_dir, record, config)
+        publish_run(open_store(s3_store_uri, **config.store_options()), run_dir, record, config)
     message = str(info.value)
     assert s3_env.endpoint in message and repr(s3_env.access_key) in message
     assert "not-the-secret" not in message
@@ -540,7 +541,7 @@ def test_wrong_credentials_fail_before_anything_is_written(
     assert "not-the-secret" not in err and "Traceback" not in err
 
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", s3_env.secret_key)
-    assert open_store(s3_store_uri, config).list_keys() == []
+    assert open_store(s3_store_uri, **config.store_options()).list_keys() == []
 
 
 @pytest.mark.s3
@@ -557,29 +558,29 @@ def test_endpoint_down_fails_clearly_and_publishes_nothing(
     run_dir = make_run_dir(live, created=T0)
     start = time.monotonic()
     with pytest.raises(StoreError, match=f"cannot reach S3 endpoint {dead_endpoint}"):
-        publish.publish_run(open_store(s3_store_uri, down), run_dir, record, down)
+        publish_run(open_store(s3_store_uri, **down.store_options()), run_dir, record, down)
     assert time.monotonic() - start < 60
     with pytest.raises(StoreError, match="gave up after 3 attempts"):
-        publish.list_runs(down)
-    assert publish.list_runs(live) == []
+        list_runs(down)
+    assert list_runs(live) == []
 
 
 def test_publishing_needs_an_evaluated_run(tmp_path: Path, record: dict) -> None:
     config = PipelineConfig(
         artifact_store=(tmp_path / "store").as_uri(), work_dir=tmp_path, run_id="run-a"
     )
-    store = open_store(config.artifact_store, config)
-    with pytest.raises(publish.PublishError, match="does not exist"):
-        publish.publish_run(store, config.run_dir(), record, config)
+    store = open_store(config.artifact_store, **config.store_options())
+    with pytest.raises(PublishError, match="does not exist"):
+        publish_run(store, config.run_dir(), record, config)
     run_dir = make_run_dir(config, created=T0)
     (run_dir / "report/metrics.json").unlink()
-    with pytest.raises(publish.PublishError, match="metrics.json is missing: evaluate"):
-        publish.publish_run(store, run_dir, record, config)
+    with pytest.raises(PublishError, match="metrics.json is missing: evaluate"):
+        publish_run(store, run_dir, record, config)
     (run_dir / "report/metrics.json").write_text('{"accuracy": 0.9}')
-    with pytest.raises(publish.PublishError, match="gate.passed"):
-        publish.publish_run(store, run_dir, record, config)
+    with pytest.raises(PublishError, match="gate.passed"):
+        publish_run(store, run_dir, record, config)
     with pytest.raises(ConfigError, match="run_id is not set"):
-        publish.publish_run(store, run_dir, record, config.model_copy(update={"run_id": None}))
+        publish_run(store, run_dir, record, config.model_copy(update={"run_id": None}))
     assert not (tmp_path / "store" / "runs").exists()
 
 
@@ -589,7 +590,7 @@ def test_relative_file_store_uri(
     monkeypatch.chdir(tmp_path)
     config = PipelineConfig(artifact_store="file://artifacts", run_id="run-a")
     run_dir = make_run_dir(config, created=T0)  # work/run-a, relative to the cwd
-    uri = publish.publish(config, run_dir.resolve().as_uri(), dataset_uri)
+    uri = publish(config, dataset_uri, run_dir.resolve().as_uri())
     assert uri == (tmp_path / "artifacts" / "runs" / "run-a").as_uri()
     assert (tmp_path / "artifacts" / "runs" / "run-a" / MANIFEST).is_file()
     assert read_latest(config)["run_id"] == "run-a"

@@ -12,22 +12,22 @@ from pathlib import Path
 import pytest
 from boto3.s3.transfer import TransferConfig
 
-from pipeline.config import PipelineConfig
-from pipeline.store import (
-    MANIFEST,
+from pipeline.base.config import PipelineConfig
+from pipeline.base.layout import MANIFEST
+from pipeline.base.store import (
     ConflictError,
     FileStore,
     IntegrityError,
     ObjectInfo,
-    S3Store,
     StoreError,
     materialize,
     open_store,
 )
+from pipeline.base.store.s3 import S3Store
 
 
 def test_conditional_writes(store_config: PipelineConfig) -> None:
-    store = open_store(store_config.artifact_store, store_config)
+    store = open_store(store_config.artifact_store, **store_config.store_options())
     store.ensure_writable()
     store.put("doc.json", b'{"v": 1}', if_none_match=True)
     with pytest.raises(ConflictError):
@@ -46,7 +46,7 @@ def test_conditional_writes(store_config: PipelineConfig) -> None:
 
 
 def test_sync_uploads_only_what_differs(store_config: PipelineConfig, tmp_path: Path) -> None:
-    store = open_store(store_config.artifact_store, store_config)
+    store = open_store(store_config.artifact_store, **store_config.store_options())
     store.ensure_writable()
     local = tmp_path / "local"
     (local / "sub").mkdir(parents=True)
@@ -72,7 +72,7 @@ def test_s3_objects_carry_server_checked_and_whole_file_sha256(s3_env, s3_store_
     config = PipelineConfig(artifact_store=s3_store_uri, s3_endpoint_url=s3_env.endpoint)
     chunk = 5 * 2**20  # S3's smallest part size, so that the big file goes up in 3 parts
     transfer = TransferConfig(multipart_threshold=chunk, multipart_chunksize=chunk)
-    store = open_store(config.artifact_store, config, transfer)
+    store = open_store(config.artifact_store, **config.store_options(), transfer=transfer)
     big = tmp_path / "big.bin"
     big.write_bytes(os.urandom(2 * chunk + 123))
     digest = hashlib.sha256(big.read_bytes()).hexdigest()
@@ -144,9 +144,9 @@ def test_file_store_create_only_is_atomic_under_contention(tmp_path: Path) -> No
 def test_file_uris(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
     config = PipelineConfig()
-    relative = open_store("file://artifacts", config)
+    relative = open_store("file://artifacts", **config.store_options())
     assert relative.uri == (tmp_path / "artifacts").as_uri()
-    absolute = open_store((tmp_path / "x y").as_uri(), config)
+    absolute = open_store((tmp_path / "x y").as_uri(), **config.store_options())
     assert absolute.local_root() == tmp_path / "x y"
     assert absolute.child("runs/r1").uri == (tmp_path / "x y" / "runs" / "r1").as_uri()
 
@@ -161,7 +161,7 @@ def test_file_uris(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 )
 def test_unusable_store_uri(uri: str, message: str) -> None:
     with pytest.raises(StoreError, match=message) as info:
-        open_store(uri, PipelineConfig())
+        open_store(uri, **PipelineConfig().store_options())
     assert uri in str(info.value)
 
 
@@ -209,7 +209,7 @@ def test_wrong_credentials_name_endpoint_and_key_id_not_secret(
     ]:
         monkeypatch.setenv("AWS_ACCESS_KEY_ID", key_id)
         monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", secret)
-        store = open_store(config.artifact_store, config)
+        store = open_store(config.artifact_store, **config.store_options())
         for operation, *args in [(store.ensure_writable,), (store.list_keys,), (store.get, "x")]:
             with pytest.raises(StoreError) as info:
                 operation(*args)
@@ -225,7 +225,7 @@ def test_endpoint_down_is_retried_then_a_clear_error(
     config = PipelineConfig(artifact_store="s3://bucket/prefix", s3_endpoint_url=dead_endpoint)
     for attempts in ("3", "2"):  # boto3's default, then its own AWS_MAX_ATTEMPTS variable
         monkeypatch.setenv("AWS_MAX_ATTEMPTS", attempts)
-        store = open_store(config.artifact_store, config)
+        store = open_store(config.artifact_store, **config.store_options())
         start = time.monotonic()
         with pytest.raises(StoreError) as info:
             store.ensure_writable()
@@ -240,13 +240,13 @@ def test_missing_bucket_is_created_only_when_allowed(s3_env) -> None:
     uri = f"s3://{bucket}/models"
     refusing = PipelineConfig(artifact_store=uri, s3_endpoint_url=s3_env.endpoint)
     with pytest.raises(StoreError, match="--create-bucket") as info:
-        open_store(uri, refusing).ensure_writable()
+        open_store(uri, **refusing.store_options()).ensure_writable()
     assert repr(bucket) in str(info.value) and s3_env.endpoint in str(info.value)
     with pytest.raises(StoreError, match="does not exist"):
-        open_store(uri, refusing).list_dirs("runs")
+        open_store(uri, **refusing.store_options()).list_dirs("runs")
 
     allowing = refusing.model_copy(update={"create_bucket": True})
-    store = open_store(uri, allowing)
+    store = open_store(uri, **allowing.store_options())
     store.ensure_writable()
     store.ensure_writable()  # already there: fine
     store.put("latest.json", b"{}")
@@ -257,7 +257,7 @@ def test_missing_bucket_is_created_only_when_allowed(s3_env) -> None:
 def test_endpoint_from_boto3_environment(s3_env, s3_store_uri, monkeypatch) -> None:
     # No s3_endpoint_url in our config: boto3's own AWS_ENDPOINT_URL applies (path-style).
     monkeypatch.setenv("AWS_ENDPOINT_URL", s3_env.endpoint)
-    store = open_store(s3_store_uri, PipelineConfig(artifact_store=s3_store_uri))
+    store = open_store(s3_store_uri, **PipelineConfig(artifact_store=s3_store_uri).store_options())
     store.put("hello.txt", b"hi")
     assert store.get("hello.txt").data == b"hi"
     assert isinstance(store, S3Store) and store.endpoint == s3_env.endpoint
@@ -277,10 +277,10 @@ def _stage_run(store, tmp_path: Path) -> dict[str, bytes]:
 
 
 def test_materialize(store_config: PipelineConfig, tmp_path: Path) -> None:
-    run = open_store(store_config.artifact_store, store_config).child("runs/r1")
+    run = open_store(store_config.artifact_store, **store_config.store_options()).child("runs/r1")
     contents = _stage_run(run, tmp_path)
     dest = tmp_path / "dest"
-    local = materialize(run.uri, dest, store_config)
+    local = materialize(run.uri, dest, store_config.s3_endpoint_url)
     if isinstance(run, FileStore):
         assert local == run.root  # already local: used in place, nothing copied
         assert not dest.exists()
@@ -299,7 +299,7 @@ def test_materialize(store_config: PipelineConfig, tmp_path: Path) -> None:
     run.put(MANIFEST, json.dumps(manifest).encode())
     if isinstance(run, S3Store):
         with pytest.raises(IntegrityError, match="report/report.md"):
-            materialize(run.uri, tmp_path / "dest2", store_config)
+            materialize(run.uri, tmp_path / "dest2", store_config.s3_endpoint_url)
         assert not (tmp_path / "dest2" / "report" / "report.md").exists()
         assert [p.name for p in (tmp_path / "dest2" / "report").iterdir()] == []
 
@@ -307,6 +307,9 @@ def test_materialize(store_config: PipelineConfig, tmp_path: Path) -> None:
 def test_materialize_plain_path_and_missing_run(tmp_path: Path) -> None:
     config = PipelineConfig()
     (tmp_path / "run").mkdir()
-    assert materialize(str(tmp_path / "run"), tmp_path / "x", config) == tmp_path / "run"
+    assert (
+        materialize(str(tmp_path / "run"), tmp_path / "x", config.s3_endpoint_url)
+        == tmp_path / "run"
+    )
     with pytest.raises(StoreError, match="does not exist"):
-        materialize((tmp_path / "nope").as_uri(), tmp_path / "x", config)
+        materialize((tmp_path / "nope").as_uri(), tmp_path / "x", config.s3_endpoint_url)

@@ -28,26 +28,16 @@ import psutil
 import pytest
 from pydantic import ValidationError
 
-import tasks.train as train_module
-from pipeline.config import ConfigError, PipelineConfig
+import tasks.train.step as train_module
+from pipeline.base.config import ConfigError, PipelineConfig
 from tasks.dataset import load_dataset, prepare_dataset
-from tasks.train import (
-    TrainingError,
-    best_epoch,
-    epoch_permutation,
-    failure_message,
-    global_batches,
-    is_coordinator,
-    parse_output_line,
-    route_interface,
-    select_context,
-    shard_bounds,
-    split_validation,
-    threads_per_rank,
-    train,
-    train_summary,
-)
-from tests.conftest import free_port
+from tasks.train.history import TrainingError, best_epoch, train_summary
+from tasks.train.launcher import failure_message, parse_output_line
+from tasks.train.model import select_context
+from tasks.train.rendezvous import route_interface
+from tasks.train.sharding import epoch_permutation, global_batches, shard_bounds, split_validation
+from tasks.train.step import threads_per_rank, train
+from tests.support.seaweedfs import free_port
 
 DEBIAN_MIRROR = "file:///usr/share/datasets/fashion-mnist/"
 DEADLINE_S = 300  # bound of every wait on a training process
@@ -56,7 +46,8 @@ TWO_HOSTS = "localhost:1,127.0.0.1:1"
 HEAD_START_S = 3  # how long host 1 runs alone before host 0 starts
 # train() in a process of its own, as a pod (or the CLI) runs it; prints the run dir URI.
 TRAIN_SCRIPT = (
-    "import sys; from pipeline.config import PipelineConfig; from tasks.train import train; "
+    "import sys; from pipeline.base.config import PipelineConfig; "
+    "from tasks.train.step import train; "
     "print(train(PipelineConfig.model_validate_json(sys.argv[1]), sys.argv[2]))"
 )
 
@@ -82,12 +73,12 @@ def history(run_dir: Path) -> list[dict]:
 
 
 def rank_processes(run_dir: Path) -> list[psutil.Process]:
-    """The live `python -m tasks.train` rank processes of this run directory."""
+    """The live `python -m tasks.train.rank` rank processes of this run directory."""
     found = []
     for process in psutil.process_iter(["cmdline", "status"]):
         cmdline = process.info["cmdline"] or []
         if (
-            cmdline[1:3] == ["-m", "tasks.train"]
+            cmdline[1:3] == ["-m", "tasks.train.rank"]
             and str(run_dir) in cmdline
             and process.info["status"] != psutil.STATUS_ZOMBIE
         ):
@@ -251,7 +242,7 @@ def test_run_directory_holds_the_layout(np2_run, data_uri: str) -> None:
         "num_proc": 2,
         "seconds": pytest.approx(sum(record["seconds"] for record in records), abs=1e-3),
     }
-    assert (run_dir / "checkpoints" / "latest.json").exists()
+    assert (run_dir / "checkpoints" / "checkpoint.json").exists()
 
     # The exported model loads without our classes and scores what the train step reported.
     net = mx.gluon.SymbolBlock.imports(
@@ -316,7 +307,7 @@ def test_killed_rank_fails_the_step_and_resume_ends_with_the_uninterrupted_model
         killer.join(DEADLINE_S)
     assert outcome["killed"]
     assert wait_until_no_ranks(run_dir) == [], "ranks outlived the failed step"
-    pointer = json.loads((run_dir / "checkpoints" / "latest.json").read_text())
+    pointer = json.loads((run_dir / "checkpoints" / "checkpoint.json").read_text())
     assert 1 <= pointer["epoch"] < 5, "the kill did not land inside the run"
 
     resumed = path_of(train(config.model_copy(update={"resume": True}), data_uri))
@@ -508,7 +499,7 @@ def _assert_nothing_started(config: PipelineConfig) -> None:
     launched = [
         child
         for child in psutil.Process().children(recursive=True)
-        if any("horovodrun" in part or part == "tasks.train" for part in child.cmdline())
+        if any("horovodrun" in part or part == "tasks.train.rank" for part in child.cmdline())
     ]
     assert launched == []
 
@@ -678,9 +669,9 @@ def test_failure_message_names_the_first_failed_rank_and_its_stderr() -> None:
 
 
 def test_only_host_zero_of_a_rendezvous_job_goes_on_to_publish() -> None:
-    assert is_coordinator(PipelineConfig(num_proc=2))  # horovodrun: this host holds rank 0
-    assert is_coordinator(PipelineConfig(num_proc=2, hosts=TWO_HOSTS, worker_index=0))
-    assert not is_coordinator(PipelineConfig(num_proc=2, hosts=TWO_HOSTS, worker_index=1))
+    assert PipelineConfig(num_proc=2).is_coordinator()  # horovodrun: this host holds rank 0
+    assert PipelineConfig(num_proc=2, hosts=TWO_HOSTS, worker_index=0).is_coordinator()
+    assert not PipelineConfig(num_proc=2, hosts=TWO_HOSTS, worker_index=1).is_coordinator()
 
 
 def test_gloo_interface_is_the_one_that_routes_to_host_zero() -> None:

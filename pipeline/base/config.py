@@ -15,7 +15,8 @@ from urllib.parse import urlparse
 from pydantic import AfterValidator, Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from pipeline.errors import PipelineError
+from pipeline.base.errors import PipelineError
+from pipeline.base.uris import check_store_uri
 
 DEFAULT_MIRRORS = [
     "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",
@@ -24,7 +25,9 @@ DEFAULT_MIRRORS = [
 ]
 
 MIRROR_SCHEMES = ("http", "https", "file")
-STORE_SCHEMES = ("file", "s3")
+# The hyper-parameters a sweep may vary, with their types: the sweep, its CLI flag and its
+# deployment all read this one list.
+SWEEPABLE: dict[str, type] = {"lr": float, "batch_size": int, "epochs": int}
 # Horovod host syntax: "host:slots" items separated by commas, e.g. "localhost:2,node2:4".
 _HOSTS_RE = re.compile(r"^[A-Za-z0-9_.\-]+:[1-9][0-9]*(,[A-Za-z0-9_.\-]+:[1-9][0-9]*)*$")
 
@@ -43,14 +46,7 @@ def _check_mirror(uri: str) -> str:
 
 
 def _check_store(uri: str) -> str:
-    scheme = urlparse(uri).scheme
-    if scheme not in STORE_SCHEMES:
-        raise ValueError(
-            f"artifact store {uri!r} has unsupported scheme {scheme!r}; "
-            "use file://PATH or s3://BUCKET/PREFIX"
-        )
-    if scheme == "s3" and not urlparse(uri).netloc:
-        raise ValueError(f"artifact store {uri!r} names no bucket; use s3://BUCKET/PREFIX")
+    check_store_uri(uri, ValueError)
     return uri.rstrip("/")
 
 
@@ -195,6 +191,15 @@ class PipelineConfig(BaseSettings):
         if not self.mirrors and not self.offline:
             raise ValueError("no mirrors configured; give at least one or use offline mode")
         return self
+
+    def is_coordinator(self) -> bool:
+        """Whether this host holds rank 0 and so the model, and goes on to evaluate and publish:
+        every single-host or launcher-driven run, and host 0 of a rendezvous job."""
+        return self.worker_index in (None, 0)
+
+    def store_options(self) -> dict[str, object]:
+        """What the artifact store needs besides its URI (`open_store(uri, **options)`)."""
+        return {"endpoint_url": self.s3_endpoint_url, "create_bucket": self.create_bucket}
 
     def run_dir(self) -> Path:
         """The local working directory of this run (staging for publish)."""

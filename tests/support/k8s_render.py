@@ -24,7 +24,7 @@ from typing import Any
 
 import yaml
 
-K8S_DIR = Path(__file__).resolve().parent
+K8S_DIR = Path(__file__).resolve().parents[2] / "k8s"
 OVERLAYS = ("cpu", "gpu", "dev")
 WORK_POOL_TEMPLATE = K8S_DIR / "work-pool" / "base-job-template.json"
 

@@ -1,0 +1,48 @@
+"""Where things live: the run directory and the artifact store, one layout for every store.
+
+Every path below is relative and '/'-separated, so the same name is a local path under a run
+directory and an object key under a published run. Change a file name here and nowhere else.
+
+    <store>/latest.json                  the newest run that passed the quality gate (LATEST)
+    <store>/runs/<run-id>/...            one published run: the run directory minus checkpoints,
+                        manifest.json    written last: a run without it is incomplete
+
+    <work-dir>/<run-id>/config.json      the PipelineConfig used
+                        model/           the exported model (symbol + params) and model.params
+                        metrics/         train.jsonl (per epoch), train.json (summary)
+                        report/          metrics.json (written last), report.md, *.png
+                        checkpoints/     checkpoint.json (the pointer) + epoch-NNNN.* files
+"""
+
+from __future__ import annotations
+
+# --- the artifact store ---------------------------------------------------------------------
+RUNS = "runs"
+MANIFEST = "manifest.json"
+LATEST = "latest.json"  # the promoted run: the newest that passed the gate
+
+
+def run_key(run_id: str) -> str:
+    """The prefix of one published run in a store."""
+    return f"{RUNS}/{run_id}"
+
+
+# --- the run directory ----------------------------------------------------------------------
+RUN_CONFIG = "config.json"
+MODEL_DIR = "model"
+MODEL_PREFIX = f"{MODEL_DIR}/model"  # Gluon export: model-symbol.json + model-0000.params
+MODEL_SYMBOL = f"{MODEL_PREFIX}-symbol.json"
+MODEL_PARAMS = f"{MODEL_PREFIX}-0000.params"
+MODEL_STATE = f"{MODEL_DIR}/model.params"  # save_parameters(): for Gluon code
+METRICS_DIR = "metrics"
+TRAIN_HISTORY = f"{METRICS_DIR}/train.jsonl"
+TRAIN_SUMMARY = f"{METRICS_DIR}/train.json"
+REPORT_DIR = "report"
+REPORT_METRICS = f"{REPORT_DIR}/metrics.json"  # written last: its presence means complete
+REPORT_MARKDOWN = f"{REPORT_DIR}/report.md"
+CHECKPOINTS = "checkpoints"  # resumable training state: never published
+CHECKPOINT_POINTER = f"{CHECKPOINTS}/checkpoint.json"  # the last complete checkpoint
+FAILURE = "failure.json"
+
+# What a run directory holds that is never published.
+UNPUBLISHED_DIRS = (CHECKPOINTS,)

@@ -1,0 +1,192 @@
+"""The artifact store's interface: a tree of objects under a URI, with the two conditional writes
+the publish step needs (create-only and compare-and-swap) and verified downloads.
+
+Both backends (`file.py`, `s3.py`) hold the same layout (`pipeline.base.layout`). A store is
+rooted at a URI; `child("runs/ID")` is the store of one run, so a run directory, a whole store
+and a pulled copy are handled alike.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import mimetypes
+import os
+import uuid
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import NamedTuple, TypeVar
+
+from pipeline.base.errors import PipelineError
+
+SHA256_METADATA = "sha256"  # our whole-file digest: multipart S3 checksums are per part
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+class StoreError(PipelineError):
+    """An artifact store cannot be read or written; the message names the URI and the cause."""
+
+
+class ConflictError(StoreError):
+    """A conditional write lost: the object exists, or changed since it was read."""
+
+
+class IntegrityError(StoreError):
+    """Stored bytes do not match the checksum they were published with."""
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    """What a store knows about one object: its size and whole-file SHA-256 (hex)."""
+
+    size: int
+    sha256: str | None
+
+
+class Blob(NamedTuple):
+    """A small object's bytes and the version tag to make a conditional write against."""
+
+    data: bytes
+    etag: str
+
+
+def sha256_file(path: Path) -> str:
+    with path.open("rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def temp_path(path: Path) -> Path:
+    """A hidden, unique sibling of `path` to write into before renaming it into place."""
+    return path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.partial")
+
+
+def safe_relative(key: str) -> PurePosixPath:
+    # Keys come from manifests, which a store can hand us: never let one escape its directory.
+    relative = PurePosixPath(key)
+    if not key or relative.is_absolute() or ".." in relative.parts:
+        raise IntegrityError(f"object key {key!r} is not a plain relative path")
+    return relative
+
+
+class ArtifactStore(ABC):
+    """A tree of objects under a URI. Keys are relative, '/'-separated paths."""
+
+    uri: str
+
+    def key_uri(self, key: str) -> str:
+        return f"{self.uri}/{key}"
+
+    def local_root(self) -> Path | None:
+        """The directory holding the objects when they are already on local disk."""
+        return None
+
+    @abstractmethod
+    def child(self, prefix: str) -> ArtifactStore:
+        """The store rooted at `prefix` below this one."""
+
+    @abstractmethod
+    def ensure_writable(self) -> None:
+        """Create the root (directory or bucket) if allowed; fail clearly if it cannot be."""
+
+    @abstractmethod
+    def list_dirs(self, prefix: str) -> list[str]:
+        """Names of the immediate sub-directories of `prefix`."""
+
+    @abstractmethod
+    def list_keys(self) -> list[str]:
+        """Every object key below the root."""
+
+    @abstractmethod
+    def stat(self, key: str) -> ObjectInfo | None:
+        """Size and recorded SHA-256 of an object (cheap), None when it does not exist."""
+
+    @abstractmethod
+    def rehash(self, key: str) -> ObjectInfo | None:
+        """Size and SHA-256 of the bytes actually stored (reads them), None when missing."""
+
+    @abstractmethod
+    def get(self, key: str) -> Blob | None:
+        """A small object's bytes and version tag, None when it does not exist."""
+
+    @abstractmethod
+    def put(
+        self, key: str, data: bytes, *, if_match: str | None = None, if_none_match: bool = False
+    ) -> None:
+        """Write a small object atomically; raise ConflictError when the condition fails.
+
+        if_none_match: only if no object exists under `key`; if_match: only if the object
+        still has the version tag `if_match` (from `get`).
+        """
+
+    @abstractmethod
+    def upload(self, files: Mapping[str, tuple[Path, str]]) -> None:
+        """Store local files: key -> (path, its SHA-256 hex)."""
+
+    @abstractmethod
+    def _download(self, targets: Mapping[str, tuple[Path, ObjectInfo | None]]) -> None:
+        """Copy objects as they are: key -> (local path, what the object should be, if known)."""
+
+    def _map(self, func: Callable[[T], R], items: Sequence[T]) -> list[R]:
+        return [func(item) for item in items]
+
+    def stat_many(self, keys: Sequence[str]) -> dict[str, ObjectInfo | None]:
+        return dict(zip(keys, self._map(self.stat, keys), strict=True))
+
+    def rehash_many(self, keys: Sequence[str]) -> dict[str, ObjectInfo | None]:
+        return dict(zip(keys, self._map(self.rehash, keys), strict=True))
+
+    def sync(self, files: Mapping[str, tuple[Path, str]]) -> list[str]:
+        """Upload the files whose stored copy is missing or differs; return their keys.
+
+        Idempotent: a file whose size and SHA-256 already match is not sent again.
+        """
+        stored = self.stat_many(list(files))
+        changed = {
+            key: (path, digest)
+            for key, (path, digest) in files.items()
+            if stored[key] != ObjectInfo(path.stat().st_size, digest)
+        }
+        self.upload(changed)
+        return sorted(changed)
+
+    def fetch(self, expected: Mapping[str, ObjectInfo | None], dest: Path) -> Path:
+        """Download objects into `dest`: key -> the size and SHA-256 they must have (None: any).
+
+        Each object lands under a hidden temp name and is renamed into place only once it
+        matched, so `dest` never holds a file with unverified bytes.
+        """
+        staged: dict[str, Path] = {}
+        try:
+            for key in expected:
+                final = dest / safe_relative(key)
+                final.parent.mkdir(parents=True, exist_ok=True)
+                staged[key] = temp_path(final)
+            self._download({key: (part, expected[key]) for key, part in staged.items()})
+            for key, part in staged.items():
+                want = expected[key]
+                got = (
+                    ObjectInfo(part.stat().st_size, sha256_file(part)) if want is not None else None
+                )
+                if got != want:
+                    raise IntegrityError(
+                        f"{self.key_uri(key)}: stored bytes have size {got.size} and SHA-256 "
+                        f"{got.sha256}, but the manifest says {want.size} and {want.sha256}"
+                    )
+                os.replace(part, dest / safe_relative(key))
+        except OSError as exc:
+            raise StoreError(f"cannot write into {dest}: {exc.strerror or exc}") from exc
+        finally:
+            for part in staged.values():
+                part.unlink(missing_ok=True)
+        return dest
+
+
+def content_type(key: str) -> str:
+    """The media type an object is served with (so a browser shows a report, not a download)."""
+    if key.endswith((".md", ".jsonl")):
+        return "text/markdown; charset=utf-8" if key.endswith(".md") else "application/jsonl"
+    guessed, _ = mimetypes.guess_type(key)
+    return guessed or "application/octet-stream"

@@ -1,0 +1,153 @@
+"""The file:// store: a directory tree. Names starting with '.' are its own temp and lock files."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import shutil
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+
+import filelock
+
+from pipeline.base.store.base import (
+    ArtifactStore,
+    Blob,
+    ConflictError,
+    ObjectInfo,
+    StoreError,
+    safe_relative,
+    sha256_file,
+    temp_path,
+)
+
+LOCK_TIMEOUT_S = 60
+
+
+class FileStore(ArtifactStore):
+    """A directory tree. Names starting with '.' are the store's own temp and lock files."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root.expanduser().absolute()
+        self.uri = self.root.as_uri()
+
+    def local_root(self) -> Path:
+        return self.root
+
+    def child(self, prefix: str) -> FileStore:
+        return FileStore(self.root / safe_relative(prefix))
+
+    def _path(self, key: str) -> Path:
+        return self.root / safe_relative(key)
+
+    @contextlib.contextmanager
+    def _os_errors(self, action: str, path: Path) -> Iterator[None]:
+        try:
+            yield
+        except OSError as exc:
+            reason = exc.strerror or str(exc)
+            raise StoreError(
+                f"artifact store {self.uri}: cannot {action} {path}: {reason}"
+            ) from exc
+
+    @contextlib.contextmanager
+    def _staged(self, path: Path) -> Iterator[Path]:
+        """A hidden temp file next to `path`, removed unless the caller renamed it."""
+        with self._os_errors("write", path):
+            path.parent.mkdir(parents=True, exist_ok=True)
+        temp = temp_path(path)
+        try:
+            with self._os_errors("write", path):
+                yield temp
+        finally:
+            temp.unlink(missing_ok=True)
+
+    @staticmethod
+    def _fsync(path: Path) -> None:
+        # Rename is atomic for readers; fsync first so a power loss cannot leave an empty file.
+        with path.open("rb+") as f:
+            os.fsync(f.fileno())
+
+    def _write(self, path: Path, data: bytes, create_only: bool = False) -> None:
+        with self._staged(path) as temp:
+            temp.write_bytes(data)
+            self._fsync(temp)
+            if not create_only:
+                os.replace(temp, path)
+                return
+            try:
+                os.link(temp, path)  # atomic create-if-absent: fails when `path` exists
+            except FileExistsError:
+                raise ConflictError(f"{path.as_uri()} already exists") from None
+
+    def ensure_writable(self) -> None:
+        with self._os_errors("create directory", self.root):
+            self.root.mkdir(parents=True, exist_ok=True)
+
+    def list_dirs(self, prefix: str) -> list[str]:
+        parent = self._path(prefix)
+        if not parent.is_dir():
+            return []
+        with self._os_errors("list", parent):
+            return sorted(p.name for p in parent.iterdir() if p.is_dir())
+
+    def list_keys(self) -> list[str]:
+        if not self.root.is_dir():
+            return []
+        with self._os_errors("list", self.root):
+            relative = (p.relative_to(self.root) for p in self.root.rglob("*") if p.is_file())
+            return sorted(
+                r.as_posix() for r in relative if not any(part.startswith(".") for part in r.parts)
+            )
+
+    def stat(self, key: str) -> ObjectInfo | None:
+        path = self._path(key)
+        with self._os_errors("read", path):
+            if not path.is_file():
+                return None
+            return ObjectInfo(path.stat().st_size, sha256_file(path))
+
+    rehash = stat  # a local file has no separately recorded digest
+
+    def get(self, key: str) -> Blob | None:
+        path = self._path(key)
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise StoreError(f"artifact store {self.uri}: cannot read {path}: {exc}") from exc
+        return Blob(data, hashlib.sha256(data).hexdigest())
+
+    def put(
+        self, key: str, data: bytes, *, if_match: str | None = None, if_none_match: bool = False
+    ) -> None:
+        path = self._path(key)
+        if if_match is None:
+            self._write(path, data, create_only=if_none_match)
+            return
+        # if-match = compare and swap under a lock that every if-match writer of `path` takes.
+        lock = filelock.FileLock(path.with_name(f".{path.name}.lock"), timeout=LOCK_TIMEOUT_S)
+        try:
+            with self._os_errors("lock", path), lock:
+                current = self.get(key)
+                if current is None or current.etag != if_match:
+                    raise ConflictError(f"{path.as_uri()} changed since it was read")
+                self._write(path, data)
+        except filelock.Timeout as exc:
+            raise StoreError(f"{lock.lock_file}: still locked after {LOCK_TIMEOUT_S} s") from exc
+
+    def upload(self, files: Mapping[str, tuple[Path, str]]) -> None:
+        for key, (source, _digest) in files.items():
+            target = self._path(key)
+            with self._staged(target) as temp:
+                shutil.copyfile(source, temp)
+                self._fsync(temp)
+                os.replace(temp, target)
+
+    def _download(self, targets: Mapping[str, tuple[Path, ObjectInfo | None]]) -> None:
+        for key, (target, _expected) in targets.items():
+            source = self._path(key)
+            with self._os_errors("copy", source):
+                shutil.copyfile(source, target)
