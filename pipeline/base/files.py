@@ -33,20 +33,26 @@ def temp_sibling(target: Path, suffix: str = ".partial") -> Path:
 
 
 @contextmanager
-def atomic_writer(target: Path, suffix: str = ".partial") -> Iterator[BinaryIO]:
-    """A binary file that replaces `target` only if the block completes; removed otherwise."""
+def _staged(target: Path, suffix: str = ".partial") -> Iterator[Path]:
+    """A temp sibling that replaces `target` (durably) if the block completes, else goes."""
     target.parent.mkdir(parents=True, exist_ok=True)
     temp = temp_sibling(target, suffix)
     try:
-        with temp.open("wb") as sink:
-            yield sink
-            sink.flush()
-            os.fsync(sink.fileno())
+        yield temp
         os.replace(temp, target)
         fsync_dir(target.parent)
     except BaseException:
         temp.unlink(missing_ok=True)
         raise
+
+
+@contextmanager
+def atomic_writer(target: Path, suffix: str = ".partial") -> Iterator[BinaryIO]:
+    """A binary file that replaces `target` only if the block completes; removed otherwise."""
+    with _staged(target, suffix) as temp, temp.open("wb") as sink:
+        yield sink
+        sink.flush()
+        os.fsync(sink.fileno())
 
 
 def atomic_write(target: Path, data: bytes | str) -> None:
@@ -57,14 +63,7 @@ def atomic_write(target: Path, data: bytes | str) -> None:
 
 def atomic_save(target: Path, save: Callable[[str], object]) -> None:
     """Atomically create `target` with a library's `save(path)` (e.g. MXNet's save_parameters)."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    temp = temp_sibling(target)
-    try:
+    with _staged(target) as temp:
         save(str(temp))
         with temp.open("rb+") as written:
             os.fsync(written.fileno())
-        os.replace(temp, target)
-        fsync_dir(target.parent)
-    except BaseException:
-        temp.unlink(missing_ok=True)
-        raise
