@@ -9,16 +9,17 @@ Horovod only when it trains or evaluates itself.
 
 from __future__ import annotations
 
-import functools
 import time
 import uuid
 from datetime import UTC, datetime
 from typing import Any, Literal
 
+import prefect.runtime
 from prefect import Task, flow, task
 from prefect.client.schemas.objects import TaskRun
 from prefect.context import TaskRunContext
 from prefect.deployments import run_deployment
+from prefect.settings import get_current_settings
 from prefect.states import State
 from pydantic import BaseModel
 
@@ -26,6 +27,8 @@ from pipeline.base import layout
 from pipeline.base.config import PipelineConfig
 from pipeline.base.errors import PipelineError
 from pipeline.base.store import ConflictError, IntegrityError, open_store
+from pipeline.prefect_server import PrefectApiError
+from pipeline.preflight import preflight
 from tasks.evaluate.gate import QualityGateFailed, check_gate
 
 __all__ = ["QualityGateFailed", "RunSummary", "StepFailed", "pipeline_step", "training_pipeline"]
@@ -47,6 +50,7 @@ class RunSummary(BaseModel):
     gate_passed: bool
     published_uri: str
     step_seconds: dict[str, float]
+    flow_run_url: str | None = None
 
 
 def new_run_id() -> str:
@@ -56,20 +60,6 @@ def new_run_id() -> str:
 
 def with_run_id(config: PipelineConfig) -> PipelineConfig:
     return config.model_copy(update={"run_id": config.run_id or new_run_id()})
-
-
-def preflight(config: PipelineConfig) -> None:
-    """Fail on what would fail late: before the dataset and an hour of training, not at publish.
-
-    The CLI calls it before Prefect starts a flow run (a bad store is then one error line), the
-    flow calls it for deployment runs; a store checked once in a process is not checked again.
-    """
-    _ensure_writable(config.artifact_store, **config.store_options())
-
-
-@functools.cache
-def _ensure_writable(uri: str, **options: object) -> None:
-    open_store(uri, **options).ensure_writable()
 
 
 # --- the steps as Prefect tasks -------------------------------------------------------------
@@ -104,9 +94,10 @@ def dataset_step(config: PipelineConfig) -> str:
 # No retries: a retry would train from scratch; `--resume` continues from the checkpoint.
 @task(name="train")
 def train_step(config: PipelineConfig, data_uri: str) -> str:
+    from pipeline.progress import TrainingProgress
     from tasks.train.step import train
 
-    return train(config, data_uri)
+    return train(config, data_uri, on_output=TrainingProgress(config.epochs, config.run_id))
 
 
 @task(name="evaluate")
@@ -211,8 +202,16 @@ def _summary(config: PipelineConfig, seconds: dict[str, float]) -> tuple[RunSumm
         .child(layout.run_key(config.run_id))
         .uri,
         step_seconds=seconds,
+        flow_run_url=_flow_run_url(),
     )
     return summary, metrics
+
+
+def _flow_run_url() -> str | None:
+    # Only a server that outlives the run can show it later; a temporary one is gone by then.
+    if get_current_settings().api.url is None:
+        return None
+    return prefect.runtime.flow_run.ui_url
 
 
 @flow(name="training_pipeline")
@@ -236,3 +235,20 @@ def training_pipeline(config: PipelineConfig | None = None) -> RunSummary | None
         "was not promoted to latest",
     )
     return summary
+
+
+def run_pipeline(config: PipelineConfig) -> RunSummary | None:
+    """The pipeline as `pipeline run` starts it: where Prefect's temporary server cannot start,
+    one error line that says what to do instead of a traceback."""
+    try:
+        return training_pipeline(config=config)
+    except RuntimeError as exc:
+        # Prefect raises a bare RuntimeError for this; its text is the only way to tell.
+        if "ephemeral Prefect API server" not in str(exc):
+            raise
+        first_line = str(exc).splitlines()[0][:300]
+        raise PrefectApiError(
+            f"Prefect's temporary API server did not start ({first_line}); use "
+            "`pipeline run --local-server` (a server that stays up), set PREFECT_API_URL, or "
+            "raise PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"
+        ) from None
