@@ -197,6 +197,52 @@ def test_ranks_never_see_the_launchers_secrets(tmp_path: Path, data_uri: str) ->
         launcher.wait(timeout=EXIT_S)
 
 
+# A stand-in for ssh to a remote host (this machine runs no sshd): it records the command line
+# and environment it was given, exactly what `ps` and the remote side would see, then runs
+# the remote command here, as `ssh HOST COMMAND` runs it there (options may follow the host).
+LOOPBACK_SSH = """#!/bin/sh
+printf 'ARGV %s\\n' "$*" >> {log}
+env | sed 's/^/ENV /' >> {log}
+host=
+while [ $# -gt 0 ]; do
+  case "$1" in
+    -o|-p|-i) shift 2 ;;
+    *) if [ -z "$host" ]; then host=$1; shift; else break; fi ;;
+  esac
+done
+exec /bin/sh -c "$*"
+"""
+TRAIN_SCRIPT = (
+    "import sys; from pipeline.base.config import PipelineConfig; "
+    "from tasks.train.step import train; "
+    "print(train(PipelineConfig.model_validate_json(sys.argv[1]), sys.argv[2]))"
+)
+
+
+def test_ranks_started_over_ssh_get_no_secret_on_the_ssh_command_line(
+    tmp_path: Path, data_uri: str
+) -> None:
+    """horovodrun writes its whole environment into each remote rank's ssh command line: the
+    launcher must hand it the ranks' allow-listed environment, never the credentials."""
+    shim, log = tmp_path / "bin", tmp_path / "ssh.log"
+    shim.mkdir()
+    (shim / "ssh").write_text(LOOPBACK_SSH.format(log=log))
+    (shim / "ssh").chmod(0o755)
+    # 127.0.0.2 is not one of this machine's names: horovodrun goes over "ssh".
+    config = run_config(tmp_path / "work", "over-ssh", num_proc=2, hosts="127.0.0.2:2", epochs=1)
+    env = clean_env(**SECRETS, PATH=f"{shim}:{os.environ['PATH']}")
+    command = [sys.executable, "-c", TRAIN_SCRIPT, config.model_dump_json(), data_uri]
+    with started(command, env) as launcher:
+        out, err = launcher.communicate(timeout=DEADLINE_S)
+        assert launcher.returncode == 0, err
+    assert out.splitlines()[-1] == config.run_dir().resolve().as_uri()
+    seen = log.read_text()
+    rank_launches = [line for line in seen.splitlines() if "tasks.train.rank" in line]
+    assert len(rank_launches) == 2 and all(line.startswith("ARGV ") for line in rank_launches)
+    leaked = {name for name, value in SECRETS.items() if name in seen or value in seen}
+    assert leaked == set(), f"the ssh command lines or environment hold {sorted(leaked)}"
+
+
 # ----------------------------------------------------------------------------- item 5: signals
 
 
