@@ -13,10 +13,15 @@
 
 from __future__ import annotations
 
+import base64
 import copy
 import importlib.util
 import json
+import os
 import re
+import subprocess
+import urllib.error
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +29,7 @@ import pytest
 import yaml
 
 from pipeline.base.config import PipelineConfig
+from tests.prefect_server import PREFECT, SERVER_START_S, background, wait_for
 from tests.support.k8s_render import (
     K8S_DIR,
     WORK_POOL_TEMPLATE,
@@ -32,6 +38,7 @@ from tests.support.k8s_render import (
     render,
     render_flow_run_job,
 )
+from tests.support.seaweedfs import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 COMPOSE_FILE = REPO / "docker" / "compose.yaml"
@@ -109,6 +116,61 @@ def test_compose_prefect_api_requires_auth_and_every_client_sends_it() -> None:
     user, _, password = example["PREFECT_AUTH_STRING"].partition(":")
     assert user and "change-me" in password
     assert example["PREFECT_AUTH_STRING"] not in COMPOSE_FILE.read_text()
+
+
+def status_of(url: str, auth: str | None = None, body: bytes | None = None) -> int:
+    headers = {"Content-Type": "application/json"}
+    if auth is not None:
+        headers["Authorization"] = "Basic " + base64.b64encode(auth.encode()).decode()
+    request = urllib.request.Request(url, data=body, headers=headers)
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+
+
+def test_a_prefect_server_configured_as_compose_does_refuses_unauthenticated_clients(
+    tmp_path: Path,
+) -> None:
+    """A real `prefect server start` with the compose service's setting: anonymous calls get
+    401, the health check (compose's healthcheck) still answers, and a client configured as
+    the compose clients are (PREFECT_API_AUTH_STRING) works."""
+    auth = "admin:a-long-random-password"
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/api"
+    inherited = {k: v for k, v in os.environ.items() if not k.startswith(("PIPELINE_", "PREFECT_"))}
+    server_env = {
+        **inherited,
+        "PREFECT_HOME": str(tmp_path),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_UI_ENABLED": "false",
+        "PREFECT_SERVER_API_AUTH_STRING": auth,
+    }
+    command = [PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)]
+    with background(command, server_env, tmp_path / "server.log") as server:
+
+        def healthy() -> bool:
+            assert server.poll() is None, (tmp_path / "server.log").read_text()[-2000:]
+            try:
+                return status_of(f"{url}/health") == 200
+            except OSError:  # not listening yet
+                return False
+
+        wait_for(healthy, SERVER_START_S, "the Prefect server to answer /api/health")
+        assert status_of(f"{url}/work_pools/filter", body=b"{}") == 401
+        assert status_of(f"{url}/work_pools/filter", "admin:wrong", b"{}") == 401
+        assert status_of(f"{url}/work_pools/filter", auth, b"{}") == 200
+
+        client_env = {**inherited, "PREFECT_HOME": str(tmp_path / "client"), "PREFECT_API_URL": url}
+        listing = [PREFECT, "work-pool", "ls"]
+        anonymous = subprocess.run(listing, env=client_env, capture_output=True, timeout=120)
+        assert anonymous.returncode != 0
+        client_env["PREFECT_API_AUTH_STRING"] = auth
+        authenticated = subprocess.run(
+            listing, env=client_env, capture_output=True, text=True, timeout=120
+        )
+        assert authenticated.returncode == 0, authenticated.stderr
 
 
 def test_compose_mounts_no_host_path_but_the_workers_socket_and_read_only_repo_files() -> None:
