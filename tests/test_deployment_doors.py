@@ -35,6 +35,7 @@ from tests.support.k8s_render import (
     WORK_POOL_TEMPLATE,
     ManifestError,
     find_object,
+    pod_templates,
     render,
     render_flow_run_job,
 )
@@ -252,6 +253,43 @@ def test_k8s_pool_has_no_free_image_command_or_service_account() -> None:
     pod = job["spec"]["template"]["spec"]
     assert pod["serviceAccountName"] == "fashion-pipeline-run"
     assert pod["containers"][0]["args"] == ["prefect", "flow-run", "execute"]
+
+
+def s3_secret_holders(objects: list[dict[str, Any]]) -> dict[str, list[str]]:
+    """{pod template: its command} of every container that references the S3 Secret."""
+    holders = {}
+    for where, template in pod_templates(objects):
+        for container in template["spec"]["containers"]:
+            refs = [
+                env["valueFrom"]["secretKeyRef"]["name"]
+                for env in container.get("env", [])
+                if "secretKeyRef" in env.get("valueFrom", {})
+            ]
+            sources = container.get("envFrom", [])
+            refs += [source["secretRef"]["name"] for source in sources if "secretRef" in source]
+            if "fashion-pipeline-s3" in refs:
+                command = container.get("command", []) + container.get("args", [])
+                holders[f"{where}/{container['name']}"] = command
+    return holders
+
+
+def test_only_pods_that_publish_get_the_s3_secret() -> None:
+    """The Prefect worker and the MPI workers (sshd only) get none; every pod that holds it
+    runs `pipeline run`, which publishes (the Indexed Job's other pods share host 0's one pod
+    template), or is SeaweedFS itself (dev overlay)."""
+    for kustomization in ("overlays/dev", "mpijob"):
+        for where, command in s3_secret_holders(rendered(kustomization)).items():
+            assert command == ["pipeline", "run"] or where.startswith("StatefulSet/seaweedfs"), (
+                where,
+                command,
+            )
+    holders = {
+        **s3_secret_holders(rendered("overlays/cpu")),
+        **s3_secret_holders(rendered("mpijob")),
+    }
+    assert not any(where.startswith("Deployment/fashion-pipeline-worker") for where in holders)
+    assert not any(where.startswith("MPIJob/fashion-mpi/Worker") for where in holders)
+    assert any(where.startswith("MPIJob/fashion-mpi/Launcher") for where in holders)
 
 
 # ----------------------------------------------------------------------------- NetworkPolicies
