@@ -6,7 +6,9 @@ What `docker-compose up` needs before the worker and the pipeline start, created
 - the S3 credentials as Prefect Secret blocks;
 - the docker work pool, whose job defaults fit the stack: the pipeline image and its
   entrypoint, the stack's network and volumes, the store settings, and the credentials as
-  references to those Secret blocks (the pool never holds them in plain text).
+  references to those Secret blocks (the pool never holds them in plain text). The image,
+  volumes, network and container options are fixed, not variables, and `privileged` is off:
+  the worker holds the Docker socket, so a deployment must not choose them.
 The deployments of prefect.yaml are then registered on the pool by `prefect deploy`.
 Reads: PIPELINE_ARTIFACT_STORE, PIPELINE_S3_ENDPOINT_URL, AWS_ACCESS_KEY_ID,
 AWS_SECRET_ACCESS_KEY, PIPELINE_IMAGE, STACK_POOL, STACK_NETWORK, PREFECT_API_URL.
@@ -32,6 +34,16 @@ SECRET_BLOCKS = {
 }
 
 
+# Job settings no deployment may choose: each could hand a flow run the host (privileged,
+# host paths as volumes or binds through container_create_kwargs, the host's network) or run
+# an image or command other than the pipeline's with the stack's credentials.
+FIXED = (
+    "image", "registry_credentials", "command", "networks", "network_mode", "volumes",
+    "privileged", "container_create_kwargs",
+)  # fmt: skip
+SAFE_VALUES = {"privileged": False}
+
+
 def pool_defaults(config: PipelineConfig, image: str, network: str) -> dict[str, Any]:
     """The job variables every flow run of the pool gets unless its deployment says otherwise."""
     return {
@@ -54,11 +66,25 @@ def pool_defaults(config: PipelineConfig, image: str, network: str) -> dict[str,
 
 
 def docker_pool_template(defaults: dict[str, Any]) -> dict[str, Any]:
-    """prefect-docker's own base job template, with `defaults` as its variables' defaults."""
+    """prefect-docker's own base job template, with `defaults` as its variables' defaults,
+    except that what could reach the host through the worker's Docker socket is fixed, not a
+    variable: the FIXED names are written into the job configuration (from `defaults`, else
+    the safe value in SAFE_VALUES, else left to the worker) and no longer offered, and the
+    variables schema refuses any name it does not list."""
     template = DockerWorker.get_default_base_job_template()
     properties = template["variables"]["properties"]
+    job = template["job_configuration"]
     for name, value in defaults.items():
-        properties[name]["default"] = value
+        if name not in FIXED:
+            properties[name]["default"] = value
+    for name in FIXED:
+        del properties[name]
+        value = defaults.get(name, SAFE_VALUES.get(name))
+        if value is None:
+            job.pop(name)  # the worker's own default (its command, no network mode)
+        else:
+            job[name] = value
+    template["variables"]["additionalProperties"] = False
     return template
 
 

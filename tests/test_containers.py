@@ -401,8 +401,9 @@ def test_compose_setup_prepares_bucket_pool_and_secrets_and_can_run_again(
 
 
 def test_mpi_image_runs_the_mpijob_workers_unprivileged_sshd(image):
-    """The MPIJob's workers run `/usr/sbin/sshd -De -f /home/pipeline/.sshd_config` as uid
-    10001 (k8s/mpijob): the mpi target must hold a config and host key that sshd accepts."""
+    """The MPIJob's workers run `start-sshd` (sshd -De -f /home/pipeline/.sshd_config) as uid
+    10001 (k8s/mpijob): the mpi target must hold a config that sshd accepts, and a host key
+    is made per container at start (two containers: two keys; none in the image)."""
     mpi_image = f"{IMAGE}-mpi"
     command = ["docker", "build", "-q", "-f", "docker/Dockerfile", "--target", "mpi"]
     built = subprocess.run(
@@ -414,17 +415,18 @@ def test_mpi_image_runs_the_mpijob_workers_unprivileged_sshd(image):
         timeout=BUILD_TIMEOUT_S,
     )
     assert built.returncode == 0, built.stderr[-3000:]
-    checked = docker(
-        "run",
-        "--rm",
-        "--entrypoint",
-        "/usr/sbin/sshd",
-        mpi_image,
-        "-t",
-        "-f",
-        "/home/pipeline/.sshd_config",
+    checked = docker("run", "--rm", "--entrypoint", "/usr/local/bin/start-sshd", mpi_image, "-t")
+    assert checked.returncode == 0, checked.stderr
+    show_key = "/usr/local/bin/start-sshd -t && ssh-keygen -lf /tmp/ssh/ssh_host_ed25519_key.pub"
+    fingerprints = {
+        docker("run", "--rm", "--entrypoint", "/bin/sh", mpi_image, "-c", show_key).stdout
+        for _ in range(2)
+    }
+    assert len(fingerprints) == 2, fingerprints  # a fresh host key per container
+    baked = docker(
+        "run", "--rm", "--entrypoint", "/bin/sh", mpi_image, "-c", "ls /etc/ssh /home/pipeline"
     )
-    assert checked.returncode == 0
+    assert "ssh_host_" not in baked.stdout, baked.stdout
     user = docker("run", "--rm", "--entrypoint", "id", mpi_image, "-u").stdout.strip()
     assert user == PIPELINE_UID
 

@@ -379,8 +379,9 @@ def test_two_hosts_without_ssh_train_the_horovodrun_model(two_hosts, np2_run) ->
             assert np.array_equal(expected[key], trained[key]), f"{name}: {key} differs"
     assert without_seconds(history(host_zero)) == without_seconds(history(np2_dir))
     assert json.loads((host_zero / "metrics" / "train.json").read_text())["num_proc"] == 2
-    # Host 1 ran rank 1 only: its run directory holds the config its rank read, and no model.
-    assert [path.name for path in host_one.iterdir()] == ["config.json"]
+    # Host 1 ran rank 1 only: its run directory holds the config its rank read, and no model
+    # (and its hidden run lock, never published).
+    assert sorted(path.name for path in host_one.iterdir()) == [".run-host-1.lock", "config.json"]
     assert wait_until_no_ranks(host_zero) == [] and wait_until_no_ranks(host_one) == []
 
 

@@ -12,6 +12,7 @@ directory and an object key under a published run. Change a file name here and n
                         metrics/         train.jsonl (per epoch), train.json (summary)
                         report/          metrics.json (written last), report.md, *.png
                         checkpoints/     checkpoint.json (the pointer) + epoch-NNNN.* files
+                        .run.lock        held by the run's train step (one run per run id)
 """
 
 from __future__ import annotations
@@ -43,6 +44,15 @@ REPORT_MARKDOWN = f"{REPORT_DIR}/report.md"
 CHECKPOINTS = "checkpoints"  # resumable training state: never published
 CHECKPOINT_POINTER = f"{CHECKPOINTS}/checkpoint.json"  # the last complete checkpoint
 FAILURE = "failure.json"
+# Held (flock) by the train step for the run's life: one run per run id. Hidden: never published.
+RUN_LOCK = ".run.lock"
+
+
+def run_lock(worker_index: int | None) -> str:
+    """The lock file of a run directory; each host of a rendezvous job (which may share one
+    work dir) holds its own."""
+    return RUN_LOCK if worker_index is None else f".run-host-{worker_index}.lock"
+
 
 # What a run directory holds that is never published.
 UNPUBLISHED_DIRS = (CHECKPOINTS,)

@@ -23,16 +23,18 @@ import numpy as np
 from mxnet import autograd, gluon, nd
 
 from pipeline.base import layout
-from pipeline.base.config import PipelineConfig
+from pipeline.base.config import ConfigError, PipelineConfig
 from pipeline.base.errors import PipelineError
 from pipeline.base.files import atomic_save, atomic_write
 from tasks.dataset import load_dataset
 from tasks.train.checkpoints import (
     Checkpoint,
     checkpoint_dir,
+    file_sha256,
     read_checkpoint,
     stem,
     trajectory_of,
+    verify_files,
     write_pointer,
 )
 from tasks.train.history import best_epoch, epoch_record, format_epoch, train_summary
@@ -134,6 +136,7 @@ def save_checkpoint(
     arrays, optimizer_layout, counters = optimizer_state(trainer)
     atomic_save(directory / f"{stem(epoch)}.params", net.save_parameters)
     atomic_save(directory / f"{stem(epoch)}.optimizer", lambda path: nd.save(path, arrays))
+    names = {f"{stem(epoch)}.params", f"{stem(epoch)}.optimizer", f"{stem(best)}.params"}
     checkpoint = Checkpoint(
         epoch=epoch,
         params=f"{stem(epoch)}.params",
@@ -142,10 +145,16 @@ def save_checkpoint(
         optimizer_counters=counters,
         best_epoch=best,
         best_params=f"{stem(best)}.params",
+        digests={name: file_sha256(directory / name) for name in names},
         history=history,
         trajectory=trajectory_of(config),
     )
     write_pointer(run_dir, checkpoint)
+
+
+def first_line(exc: BaseException) -> str:
+    """MXNet's messages carry a C++ stack trace after the first line."""
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
 def _read_restore_point(run_dir: Path, resume: bool) -> tuple[Checkpoint, dict] | None:
@@ -155,7 +164,14 @@ def _read_restore_point(run_dir: Path, resume: bool) -> tuple[Checkpoint, dict] 
         # A fresh run: checkpoints of an earlier attempt must never be resumed from.
         shutil.rmtree(checkpoint_dir(run_dir), ignore_errors=True)
         return None
-    arrays = nd.load(str(checkpoint_dir(run_dir) / checkpoint.optimizer))
+    # Checked again here, right before MXNet reads them: the launcher's check is not the last
+    # word when another process can write the work directory.
+    verify_files(run_dir, checkpoint)
+    try:
+        arrays = nd.load(str(checkpoint_dir(run_dir) / checkpoint.optimizer))
+    except mx.base.MXNetError as exc:
+        problem = first_line(exc)
+        raise ConfigError(f"resume: {checkpoint.optimizer} cannot be read: {problem}") from None
     arrays = arrays if isinstance(arrays, dict) else {}  # an empty file loads as []
     print(f"resuming after epoch {checkpoint.epoch} from {checkpoint_dir(run_dir)}")
     return checkpoint, {name: array.asnumpy() for name, array in arrays.items()}
@@ -169,7 +185,11 @@ def restore(
     if hvd.rank() == 0:  # [hvd] one rank reads, every rank receives
         point = _read_restore_point(run_dir, resume)
         if point is not None:
-            net.load_parameters(str(checkpoint_dir(run_dir) / point[0].params), ctx=ctx)
+            params = checkpoint_dir(run_dir) / point[0].params
+            try:
+                net.load_parameters(str(params), ctx=ctx)
+            except (mx.base.MXNetError, AssertionError) as exc:  # wrong names or shapes
+                raise ConfigError(f"resume: {params} cannot be read: {first_line(exc)}") from None
         checkpoint_dir(run_dir).mkdir(parents=True, exist_ok=True)
         (run_dir / layout.METRICS_DIR).mkdir(parents=True, exist_ok=True)
         # train.jsonl always matches the history being continued.

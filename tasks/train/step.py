@@ -22,6 +22,7 @@ from pathlib import Path
 from pipeline.base import layout
 from pipeline.base.config import ConfigError, PipelineConfig
 from pipeline.base.files import atomic_write
+from pipeline.base.locks import exclusive_lock
 from pipeline.base.logs import step_logger
 from pipeline.base.uris import to_uri
 from tasks.train import rendezvous
@@ -216,9 +217,19 @@ def train(
     `on_output` receives rank 0's stdout lines (the epoch lines), e.g. to show progress."""
     check_launchable(config)
     run_dir = config.run_dir().resolve()
+    # One run per run directory for the whole training: a second run with the same run id
+    # fails here, at once, instead of deleting this one's checkpoints (a fresh start does).
+    lock = run_dir / layout.run_lock(config.worker_index)
+    with exclusive_lock(lock, f"run {config.run_id!r} ({run_dir})"):
+        _launch(config, data_uri, run_dir, on_output)
+    return to_uri(run_dir)
+
+
+def _launch(
+    config: PipelineConfig, data_uri: str, run_dir: Path, on_output: Callable[[str], None] | None
+) -> None:
     env = rank_environment(config, os.environ)
     command = rank_command(data_uri, run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
     # The one typed config travels to the ranks as this file.
     atomic_write(run_dir / layout.RUN_CONFIG, config.model_dump_json(indent=2))
     if config.worker_index is not None:
@@ -227,4 +238,3 @@ def train(
         run_ranks([Launch(horovodrun_command(config, command), env)], on_output=on_output)
     else:
         run_local_job(config, command, env, on_output=on_output)
-    return to_uri(run_dir)
