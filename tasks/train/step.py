@@ -72,6 +72,9 @@ def rank_environment(config: PipelineConfig, base: Mapping[str, str]) -> dict[st
         # fixed thread counts also keep reductions in a fixed order (determinism).
         "OMP_NUM_THREADS": str(threads),
         "MXNET_CPU_WORKER_NTHREADS": str(threads),
+        # Horovod's MXNet operators run on the engine's prioritized pool (4 threads by
+        # default): one is enough for one allreduce in flight, more only compete for the cores.
+        "MXNET_CPU_PRIORITY_NTHREADS": str(threads),
         # Deterministic operator implementations: same seed and N => bit-identical parameters.
         "MXNET_ENFORCE_DETERMINISM": "1",
         "PYTHONUNBUFFERED": "1",
