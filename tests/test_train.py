@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import signal
 import socket
@@ -292,10 +293,10 @@ def _kill_rank_one_after_first_epoch(run_dir: Path, outcome: dict) -> None:
     outcome["killed"] = False
 
 
-def test_killed_rank_fails_the_step_and_resume_ends_with_the_uninterrupted_model(
+def test_without_restarts_a_killed_rank_fails_the_step_and_resume_ends_uninterrupted(
     work_dir: Path, data_uri: str, five_epochs: Path
 ) -> None:
-    config = run_config(work_dir, "killed", num_proc=2, epochs=5)
+    config = run_config(work_dir, "killed", num_proc=2, epochs=5, max_restarts=0)
     run_dir = config.run_dir().resolve()
     outcome: dict = {}
     killer = threading.Thread(target=_kill_rank_one_after_first_epoch, args=(run_dir, outcome))
@@ -315,6 +316,68 @@ def test_killed_rank_fails_the_step_and_resume_ends_with_the_uninterrupted_model
     uninterrupted, after_resume = parameters(five_epochs), parameters(resumed)
     for key in uninterrupted:
         assert np.array_equal(uninterrupted[key], after_resume[key]), key
+    assert not (run_dir / "metrics" / "restarts.jsonl").exists()
+
+
+def test_a_killed_rank_is_restarted_from_the_last_checkpoint_with_the_ranks_left(
+    work_dir: Path, data_uri: str, five_epochs: Path
+) -> None:
+    config = run_config(work_dir, "restarted", num_proc=2, epochs=5, max_restarts=2)
+    run_dir = config.run_dir().resolve()
+    outcome: dict = {}
+    killer = threading.Thread(target=_kill_rank_one_after_first_epoch, args=(run_dir, outcome))
+    capture, logger = Capture(), logging.getLogger("tasks.train")
+    logger.addHandler(capture)
+    killer.start()
+    try:
+        finished = path_of(train(config, data_uri))  # completes by itself
+    finally:
+        killer.join(DEADLINE_S)
+        logger.removeHandler(capture)
+    assert outcome["killed"]
+    assert wait_until_no_ranks(run_dir) == []
+    restarts = [json.loads(line) for line in (run_dir / "metrics/restarts.jsonl").open()]
+    assert len(restarts) == 1, restarts
+    assert restarts[0]["rank"] == 1 and "SIGKILL" in restarts[0]["reason"]
+    assert 1 <= restarts[0]["from_epoch"] < 5 and restarts[0]["num_proc"] == 1
+    logged = [m for m in capture.messages if m.startswith("rank 1 exited with status 137")]
+    assert logged == [
+        f"rank 1 exited with status 137 (SIGKILL); restart 1 of at most 2 from epoch "
+        f"{restarts[0]['from_epoch']} with 1 rank(s)"
+    ]
+    assert [record["epoch"] for record in history(finished)] == [1, 2, 3, 4, 5]
+    # Every update is the mean over the same global batch at any number of ranks.
+    uninterrupted, restarted = parameters(five_epochs), parameters(finished)
+    for key in uninterrupted:
+        np.testing.assert_allclose(restarted[key], uninterrupted[key], rtol=0, atol=1e-5)
+
+
+# Makes every rank kill itself with SIGKILL as it starts (Python imports sitecustomize at
+# start-up): a real process that dies by a real signal at every start.
+DIE_AT_START = (
+    "import os, signal\n"
+    "if 'HOROVOD_RANK' in os.environ:\n"
+    "    os.kill(os.getpid(), signal.SIGKILL)\n"
+)
+
+
+def test_a_rank_that_dies_at_every_start_stops_after_max_restarts(
+    work_dir: Path, data_uri: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "sitecustomize.py").write_text(DIE_AT_START)
+    paths = [str(tmp_path), *filter(None, [os.environ.get("PYTHONPATH")])]
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(paths))
+    config = run_config(work_dir, "dies-always", num_proc=2, epochs=1, max_restarts=2)
+    pattern = r"^gave up after 2 restart\(s\) \(max_restarts=2\): training failed: rank \d "
+    with pytest.raises(TrainingError, match=pattern + r"exited with status 137 \(SIGKILL\)"):
+        train(config, data_uri)
+    run_dir = config.run_dir().resolve()
+    assert wait_until_no_ranks(run_dir) == []
+    restarts = [json.loads(line) for line in (run_dir / "metrics/restarts.jsonl").open()]
+    assert [(r["restart"], r["from_epoch"], r["num_proc"]) for r in restarts] == [
+        (1, 0, 1),
+        (2, 0, 1),
+    ]
 
 
 def test_validation_split_keeps_the_best_epoch(work_dir: Path, data_uri: str) -> None:

@@ -28,6 +28,7 @@ from tasks.train import rendezvous
 from tasks.train.checkpoints import check_resumable
 from tasks.train.history import TrainingError
 from tasks.train.launcher import Launch, run_ranks
+from tasks.train.supervisor import supervise
 
 # The seed's per-batch operators (256x784 by 784x10) are too small to split across threads:
 # measured on 2 cores, a second OpenMP thread (or engine worker) made the training loop 2.5x
@@ -216,12 +217,28 @@ def train(
 
     With `config.worker_index` set only this host's ranks run here; the model is written on
     host 0 (`config.is_coordinator()`), the other hosts' run directories hold just config.json.
+    On one host a rank that dies costs a restart (up to `config.max_restarts`), not the run.
     `on_output` receives rank 0's stdout lines (the epoch lines), e.g. to show progress."""
     check_launchable(config)
     run_dir = config.run_dir().resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if not config.resume:  # a fresh run: restarts of an earlier attempt are not its own
+        (run_dir / layout.TRAIN_RESTARTS).unlink(missing_ok=True)
+    if config.worker_index is None and not uses_ssh(config):
+        supervise(config, lambda attempt: start_ranks(attempt, data_uri, on_output))
+    else:
+        start_ranks(config, data_uri, on_output)
+    return to_uri(run_dir)
+
+
+def start_ranks(
+    config: PipelineConfig, data_uri: str, on_output: Callable[[str], None] | None
+) -> None:
+    """One attempt: write the run's config.json, start the ranks, wait for them."""
+    check_launchable(config)  # again for a restart: it resumes from the checkpoint left
+    run_dir = config.run_dir().resolve()
     env = rank_environment(config, os.environ)
     command = rank_command(data_uri, run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
     # The one typed config travels to the ranks as this file.
     atomic_write(run_dir / layout.RUN_CONFIG, config.model_dump_json(indent=2))
     if config.worker_index is not None:
@@ -230,4 +247,3 @@ def train(
         run_ranks([Launch(horovodrun_command(config, command), env)], on_output=on_output)
     else:
         run_local_job(config, command, env, on_output=on_output)
-    return to_uri(run_dir)
