@@ -31,6 +31,7 @@ from pydantic import ValidationError
 
 import tasks.train.step as train_module
 from pipeline.base.config import ConfigError, PipelineConfig
+from pipeline.base.store import open_store
 from tasks.dataset import load_dataset, prepare_dataset
 from tasks.train.history import TrainingError, best_epoch, train_summary
 from tasks.train.launcher import failure_message, parse_output_line
@@ -54,6 +55,8 @@ TRAIN_SCRIPT = (
 
 
 def run_config(work_dir: Path, run_id: str, **overrides) -> PipelineConfig:
+    # Checkpoints are copied to the artifact store: keep it inside the test's work dir.
+    overrides.setdefault("artifact_store", (work_dir / "_store").as_uri())
     return PipelineConfig(work_dir=work_dir, run_id=run_id, mirrors=[DEBIAN_MIRROR], **overrides)
 
 
@@ -350,6 +353,26 @@ def test_a_killed_rank_is_restarted_from_the_last_checkpoint_with_the_ranks_left
     uninterrupted, restarted = parameters(five_epochs), parameters(finished)
     for key in uninterrupted:
         np.testing.assert_allclose(restarted[key], uninterrupted[key], rtol=0, atol=1e-5)
+
+
+@pytest.mark.s3
+def test_a_resume_in_an_empty_work_dir_restores_the_checkpoint_from_the_store(
+    tmp_path: Path, data_uri: str, five_epochs: Path, s3_env, s3_store_uri: str
+) -> None:
+    store = {"artifact_store": s3_store_uri, "s3_endpoint_url": s3_env.endpoint}
+    first_host = run_config(tmp_path / "first", "moved", num_proc=2, epochs=2, **store)
+    train(first_host, data_uri)
+    stored = open_store(s3_store_uri, endpoint_url=s3_env.endpoint).child("runs/moved/checkpoints")
+    assert {"checkpoint.json", "epoch-0002.params"} <= set(stored.list_keys())
+
+    # Another host: an empty work directory, the same run id, the same store.
+    fresh = run_config(tmp_path / "fresh", "moved", num_proc=2, epochs=5, resume=True, **store)
+    assert not fresh.run_dir().exists()
+    resumed = path_of(train(fresh, data_uri))
+    assert [record["epoch"] for record in history(resumed)] == [1, 2, 3, 4, 5]
+    uninterrupted, after_resume = parameters(five_epochs), parameters(resumed)
+    for key in uninterrupted:
+        assert np.array_equal(uninterrupted[key], after_resume[key]), key
 
 
 # Makes every rank kill itself with SIGKILL as it starts (Python imports sitecustomize at
