@@ -527,6 +527,44 @@ def test_a_host_zero_whose_other_host_never_comes_fails_and_stops_its_rendezvous
     assert wait_until_no_ranks(config.run_dir().resolve()) == []
 
 
+def _kill_host_one_after_first_epoch(host: subprocess.Popen, run_dir: Path, outcome: dict) -> None:
+    """SIGKILL host 1 (its launcher and its rank at once, as a lost machine) as soon as host 0
+    reports epoch 1 (bounded in time)."""
+    jsonl = run_dir / "metrics" / "train.jsonl"
+    deadline = time.monotonic() + DEADLINE_S
+    while time.monotonic() < deadline and host.poll() is None:
+        if jsonl.exists() and jsonl.read_text().strip():
+            processes = [psutil.Process(host.pid), *psutil.Process(host.pid).children(True)]
+            for process in processes:
+                process.kill()
+            outcome["killed"] = True
+            return
+        time.sleep(0.01)
+    outcome["killed"] = False
+
+
+def test_host_zero_goes_on_alone_when_the_other_host_dies(
+    tmp_path: Path, data_uri: str, five_epochs: Path
+) -> None:
+    port = free_port()
+    configs = [job_config(tmp_path, index, port, epochs=5) for index in (0, 1)]
+    run_dir = configs[0].run_dir().resolve()
+    outcome: dict = {}
+    with job_hosts(configs) as hosts:
+        hosts += [start_host(config, data_uri) for config in configs]
+        _kill_host_one_after_first_epoch(hosts[1], run_dir, outcome)
+        code, out, err = finish(hosts[0])
+    assert outcome["killed"]
+    assert code == 0, err
+    assert out.splitlines()[-1] == run_dir.as_uri()
+    [restart] = [json.loads(line) for line in (run_dir / "metrics/restarts.jsonl").open()]
+    assert restart["rank"] == 0 and restart["num_proc"] == 1 and 1 <= restart["from_epoch"] < 5
+    assert [record["epoch"] for record in history(run_dir)] == [1, 2, 3, 4, 5]
+    uninterrupted, alone = parameters(five_epochs), parameters(run_dir)
+    for key in uninterrupted:
+        np.testing.assert_allclose(alone[key], uninterrupted[key], rtol=0, atol=1e-5)
+
+
 def test_a_host_zero_whose_rendezvous_port_is_taken_fails_naming_it(tmp_path: Path) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))

@@ -248,7 +248,7 @@ def train(
             on_output(line)
 
     try:
-        if config.worker_index is None and not uses_ssh(config):
+        if config.worker_index is not None or not uses_ssh(config):  # host 0 or one host
             supervise(config, lambda attempt: start_ranks(attempt, data_uri, forward))
         else:
             start_ranks(config, data_uri, forward)

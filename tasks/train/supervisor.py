@@ -8,9 +8,14 @@ batch whatever the number of ranks (tasks.train.sharding), so the final model eq
 uninterrupted run's. Each restart is logged and appended to the run's TRAIN_RESTARTS file, which
 the publish step copies into the manifest.
 
+Host 0 of a rendezvous job (`worker_index` 0) is supervised too: when a rank fails there,
+typically because another host died and took its ranks with it, host 0 goes on alone from the
+last checkpoint as a single-host job with its own slots, once the job has trained an epoch
+(a job whose hosts never all came fails, as before).
+
 Not restarted: a rank that reported an error of its own (`error: ...`, status 1: bad data, a
-bad checkpoint; the same at every start), and jobs whose ranks span hosts (a rendezvous job or
-horovodrun over ssh: restarting them takes every host, which this process does not own).
+bad checkpoint; the same at every start), the other hosts of a rendezvous job, and horovodrun
+over ssh (restarting those takes hosts this process does not own).
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from pathlib import Path
 from pipeline.base import layout
 from pipeline.base.config import PipelineConfig
 from pipeline.base.logs import step_logger
+from tasks.train import rendezvous
 from tasks.train.checkpoints import read_checkpoint
 from tasks.train.history import TrainingError
 from tasks.train.launcher import describe_exit
@@ -38,6 +44,18 @@ def reported_its_own_error(error: TrainingError) -> bool:
 def remaining_ranks(num_proc: int) -> int:
     """The ranks a restart uses: those that did not die (one did), at least one."""
     return max(1, num_proc - 1)
+
+
+def survivors(config: PipelineConfig) -> PipelineConfig:
+    """The gang of a restart. On one host: the ranks that did not die. Host 0 of a rendezvous
+    job goes on alone, its own slots as a single-host job: the other hosts (one of them is
+    gone or failing) are not this process's to restart."""
+    if config.worker_index is None:
+        return config.model_copy(update={"num_proc": remaining_ranks(config.num_proc)})
+    host_zero = rendezvous.host_names(config.hosts)[0]
+    plan = rendezvous.slot_plan(config.hosts, None, config.num_proc)
+    own_slots = sum(1 for slot in plan if slot.hostname == host_zero)
+    return config.model_copy(update={"worker_index": None, "hosts": None, "num_proc": own_slots})
 
 
 def restart_record(number: int, error: TrainingError, from_epoch: int, num_proc: int) -> dict:
@@ -67,6 +85,8 @@ def supervise(config: PipelineConfig, attempt: Callable[[PipelineConfig], None])
         except TrainingError as error:
             if error.rank is None or reported_its_own_error(error):
                 raise
+            if current.worker_index is not None and _resume_epoch(run_dir) == 0:
+                raise  # the job never trained together: a host missing from the start fails it
             if restarts >= config.max_restarts:
                 if restarts == 0:
                     raise
@@ -99,10 +119,10 @@ def _restarted(
 ) -> PipelineConfig:
     """The config of the next attempt, with its restart recorded in the run directory."""
     from_epoch = _resume_epoch(run_dir)
-    num_proc = remaining_ranks(config.num_proc)
-    record = restart_record(restart_number, error, from_epoch, num_proc)
+    restarted = survivors(config)
+    record = restart_record(restart_number, error, from_epoch, restarted.num_proc)
     (run_dir / layout.METRICS_DIR).mkdir(parents=True, exist_ok=True)
     with open(run_dir / layout.TRAIN_RESTARTS, "a") as restarts:
         restarts.write(json.dumps(record) + "\n")
     # No complete checkpoint yet: the restart starts over, as a fresh run would.
-    return config.model_copy(update={"resume": from_epoch > 0, "num_proc": num_proc})
+    return restarted.model_copy(update={"resume": from_epoch > 0})
