@@ -300,6 +300,46 @@ def test_docker_kill_of_one_host_leaves_host_zero_to_finish_alone(image, docker_
         np.testing.assert_allclose(alone[name].asnumpy(), array.asnumpy(), rtol=0, atol=1e-5)
 
 
+def _local_config(tmp_path: Path, run_id: str, epochs: int, **overrides) -> PipelineConfig:
+    return PipelineConfig(
+        epochs=epochs,
+        mirrors=[DEBIAN_DATA.as_uri()],
+        data_dir=tmp_path / "data",
+        work_dir=tmp_path / run_id,
+        run_id=run_id,
+        **{"artifact_store": (tmp_path / "store").as_uri(), **overrides},
+    )
+
+
+def test_resume_in_a_new_container_restores_the_checkpoints_from_seaweedfs(
+    image, docker_objects, cache_volume, s3_env, s3_store_uri, tmp_path
+):
+    # Two epochs on this host, checkpoints copied to SeaweedFS as they are written ...
+    store = {"artifact_store": s3_store_uri, "s3_endpoint_url": s3_env.endpoint}
+    first = _local_config(tmp_path, "moved", 2, **store)
+    train(first, prepare_dataset(first))
+    # ... then a container with an empty work directory resumes the run to epoch 4.
+    options, env = s3_step_environment(s3_env, s3_store_uri)
+    options += ["-v", f"{cache_volume}:/cache"]
+    run_container(docker_objects, "step", "dataset", "--mirrors", MIRROR,
+                  options=[*options, *MIRROR_MOUNT], env=env)  # fmt: skip
+    resumed = run_container(docker_objects, "step", "train", "--run-id", "moved", "--epochs", "4",
+                            "--resume", options=options, env=env)  # fmt: skip
+    assert last_line(resumed) == "file:///cache/work/moved"
+    holder = docker("create", "--label", f"{LABEL}={docker_objects}", "-v",
+                    f"{cache_volume}:/cache", IMAGE).stdout.strip()  # fmt: skip
+    docker("cp", f"{holder}:/cache/work/moved", str(tmp_path / "container-run"))
+    history = (tmp_path / "container-run/metrics/train.jsonl").read_text().splitlines()
+    assert [json.loads(line)["epoch"] for line in history] == [1, 2, 3, 4]
+
+    uninterrupted = _local_config(tmp_path, "uninterrupted", 4)
+    reference_dir = Path(train(uninterrupted, prepare_dataset(uninterrupted))[len("file://") :])
+    expected = mx.nd.load(str(reference_dir / "model/model.params"))
+    after_resume = mx.nd.load(str(tmp_path / "container-run/model/model.params"))
+    for name, array in expected.items():
+        np.testing.assert_allclose(after_resume[name].asnumpy(), array.asnumpy(), atol=1e-5)
+
+
 # --- a flow run through a Prefect server and a docker worker -------------------------------
 
 
