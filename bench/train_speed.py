@@ -9,10 +9,16 @@ Fashion-MNIST and measuring test accuracy after every epoch, as the seed does:
                arithmetic costs with no framework at all
 Columns: s/epoch (median of the epochs), speed-up over the d2l loop, test accuracy after the
 last epoch, peak RSS of one rank (VmHWM; the d2l row counts its main process, not its workers).
-Targets: trainer >= 25x faster than the d2l loop, within 3x the numpy floor, <= 600 MB per rank.
+Targets: trainer >= 25x faster than the d2l loop, within 3x the numpy floor, <= 600 MB per rank,
+and np=2 <= 2x the np=1 epoch time.
+
+A second table puts Horovod's cost per step next to the limit: a raw two-process socket exchange
+of the gradients' 31,400 bytes, one bare `hvd.allreduce` of them at np=2 (bench.exchange), and
+the overhead per step inside training, (np=2 epoch - np=1 epoch / 2) / steps: what np=2 costs
+beyond half the work of np=1. All rows of one run share the machine's load at that time.
 
 Every row runs in its own process, so the peak RSS is its own. It is CPU-heavy: run it alone.
-Run: .venv/bin/python bench/train_speed.py [--epochs 3] [--d2l-workers 4]
+Run: .venv/bin/python -m bench.train_speed [--epochs 3] [--d2l-workers 4]
 """
 
 from __future__ import annotations
@@ -31,9 +37,10 @@ from pathlib import Path
 import numpy as np
 import psutil
 
+from bench.exchange import hvd_allreduce_us, raw_exchange_us
 from pipeline.base.config import PipelineConfig
 from tasks.dataset import DEBIAN_DATA_DIR, FashionMNIST, load_dataset, prepare_dataset
-from tasks.train.sharding import epoch_permutation
+from tasks.train.sharding import epoch_permutation, global_batches
 from tasks.train.step import train
 
 BATCH_SIZE = 256
@@ -42,6 +49,8 @@ SIGMA = 0.01
 TARGET_SPEEDUP = 25.0
 TARGET_FLOOR_RATIO = 3.0
 TARGET_RSS_MB = 600.0
+TARGET_NP2_RATIO = 2.0
+EXCHANGE_CALLS = 1000
 MB = 2**20
 
 
@@ -126,9 +135,11 @@ def numpy_floor(data: FashionMNIST, epochs: int) -> tuple[list[float], float]:
 
 def run_in_child(variant: str, data_uri: str, args: argparse.Namespace) -> dict:
     """One in-process row, in a fresh process so that its peak RSS is its own."""
-    command = [sys.executable, __file__, "--variant", variant, "--data", data_uri]
+    command = [sys.executable, "-m", "bench.train_speed", "--variant", variant, "--data", data_uri]
     command += ["--epochs", str(args.epochs), "--d2l-workers", str(args.d2l_workers)]
-    return json.loads(subprocess.run(command, check=True, capture_output=True).stdout)
+    repo_root = Path(__file__).resolve().parents[1]
+    finished = subprocess.run(command, check=True, capture_output=True, cwd=repo_root)
+    return json.loads(finished.stdout)
 
 
 def child_main(args: argparse.Namespace) -> None:
@@ -186,6 +197,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=3, help="epochs per row (median taken)")
     parser.add_argument("--d2l-workers", type=int, default=4, help="d2l DataLoader workers")
+    parser.add_argument("--calls", type=int, default=EXCHANGE_CALLS, help="exchanges timed")
     parser.add_argument("--variant", choices=("d2l", "numpy"), help=argparse.SUPPRESS)
     parser.add_argument("--data", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -203,6 +215,11 @@ def main() -> None:
             "trainer np=2": trainer_row(2, data_uri, Path(tmp) / "work", args.epochs),
             "numpy floor": run_in_child("numpy", data_uri, args),
         }
+        num_train = len(load_dataset(data_uri).train_labels)
+        exchange = {
+            "raw socket exchange": raw_exchange_us(args.calls),
+            "hvd.allreduce, alone": hvd_allreduce_us(args.calls, {}),
+        }
 
     per_epoch = {name: statistics.median(row["seconds"]) for name, row in rows.items()}
     d2l = next(iter(per_epoch.values()))
@@ -217,6 +234,7 @@ def main() -> None:
             f"| {row['test_accuracy']:8.4f} | {row['rss']:9.0f} MB |"
         )
     print()
+    print_exchange_table(exchange, per_epoch, len(global_batches(num_train, BATCH_SIZE, 2)))
     for name in ("trainer np=1", "trainer np=2"):
         speedup, ratio, rss = d2l / per_epoch[name], per_epoch[name] / floor, rows[name]["rss"]
         verdict = "met" if (speedup >= TARGET_SPEEDUP and ratio <= TARGET_FLOOR_RATIO) else "MISSED"
@@ -226,6 +244,27 @@ def main() -> None:
             f"(target <= {TARGET_FLOOR_RATIO:.0f}x), {rss:.0f} MB (target <= "
             f"{TARGET_RSS_MB:.0f} MB): {verdict}"
         )
+
+    ratio = per_epoch["trainer np=2"] / per_epoch["trainer np=1"]
+    verdict = "met" if ratio <= TARGET_NP2_RATIO else "MISSED"
+    print(f"np=2 / np=1 epoch time: {ratio:.2f}x (target <= {TARGET_NP2_RATIO:.0f}x): {verdict}")
+
+
+def print_exchange_table(exchange: dict, per_epoch: dict, steps: int) -> None:
+    """Horovod's cost per step next to the raw exchange of the same bytes."""
+    np1, np2 = per_epoch["trainer np=1"], per_epoch["trainer np=2"]
+    rows = {
+        **exchange,
+        "np=2 overhead in training": (np2 - np1 / 2) / steps * 1e6,
+        "np=1 compute per step": np1 / steps * 1e6,
+    }
+    raw = exchange["raw socket exchange"]
+    print(f"gradient exchange at np=2 (7,850 float32), {steps} steps/epoch\n")
+    print(f"| {'per step':<28} | us/step | vs raw exchange |")
+    print(f"|{'-' * 30}|---------|-----------------|")
+    for name, micros in rows.items():
+        print(f"| {name:<28} | {micros:7.0f} | {micros / raw:14.1f}x |")
+    print()
 
 
 if __name__ == "__main__":

@@ -40,7 +40,7 @@ EXIT_FAILED = 1
 DATA_FIELDS = ("mirrors", "data_dir", "offline", "download_timeout", "download_retries")
 TRAIN_FIELDS = (
     "epochs", "batch_size", "lr", "init_sigma", "seed", "validation_fraction", "num_proc",
-    "hosts", "hostfile", "worker_index", "rendezvous_port", "resume",
+    "hosts", "hostfile", "worker_index", "rendezvous_port", "resume", "max_restarts",
 )  # fmt: skip
 STORE_FIELDS = ("artifact_store", "s3_endpoint_url", "create_bucket")
 RUN_FIELDS = (

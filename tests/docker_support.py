@@ -19,7 +19,8 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-IMAGE = "fashion-pipeline:0.1.0"
+# PIPELINE_TEST_IMAGE: another tag, e.g. one per work tree where several build at once.
+IMAGE = os.environ.get("PIPELINE_TEST_IMAGE", "fashion-pipeline:0.1.0")
 LABEL = "io.fashion-pipeline.test"
 DEBIAN_DATA = Path("/usr/share/datasets/fashion-mnist")
 BUILD_TIMEOUT_S = 1800

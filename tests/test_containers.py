@@ -18,14 +18,19 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
+import mxnet as mx
+import numpy as np
 import pytest
 import yaml
 
 from pipeline.base.config import PipelineConfig
+from tasks.dataset import prepare_dataset
+from tasks.train.step import train
 from tests.docker_support import (
     BUILD_TIMEOUT_S,
     DEBIAN_DATA,
@@ -229,6 +234,110 @@ def test_horovodrun_trains_with_two_ranks_in_one_container(image, docker_objects
     assert summary["num_proc"] == 2  # hvd.size() as rank 0 saw it: both ranks joined the ring
     assert summary["epochs"] == 1
     assert 0.7 < summary["test_accuracy"] <= 1.0
+
+
+LOST_HOST_EPOCHS = 4
+
+
+def _start_job_host(token: str, network: str, volume: str, index: int) -> str:
+    """Host `index` of a two-host rendezvous job, as its own container on one core."""
+    name, host = f"fashion-test-{token}-host{index}", ("host-a", "host-b")[index]
+    options = ["--name", name, "--label", f"{LABEL}={token}", "--network", network]
+    options += ["--network-alias", host, "--hostname", host, "--cpuset-cpus", str(index)]
+    options += ["-v", f"{volume}:/cache", "-e", "PIPELINE_ARTIFACT_STORE=file:///cache/store"]
+    train = ["step", "train", "--run-id", "lost-host", "--epochs", str(LOST_HOST_EPOCHS)]
+    train += ["--num-proc", "2", "--hosts", "host-a:1,host-b:1", "--worker-index", str(index)]
+    docker("run", "-d", *options, IMAGE, *train)
+    return name
+
+
+def test_docker_kill_of_one_host_leaves_host_zero_to_finish_alone(image, docker_objects, tmp_path):
+    token, network = docker_objects, f"fashion-test-{docker_objects}"
+    docker("network", "create", "--label", f"{LABEL}={token}", network)
+    try:
+        volumes = [f"fashion-test-cache-{token}-{index}" for index in (0, 1)]
+        for volume in volumes:
+            docker("volume", "create", "--label", f"{LABEL}={token}", volume)
+            run_container(token, "step", "dataset", "--mirrors", MIRROR,
+                          options=["-v", f"{volume}:/cache", *MIRROR_MOUNT])  # fmt: skip
+        hosts = [_start_job_host(token, network, volumes[i], i) for i in (0, 1)]
+        history = "/cache/work/lost-host/metrics/train.jsonl"
+        deadline = time.monotonic() + CONTAINER_TIMEOUT_S
+        while True:  # until host 0 reports epoch 1, bounded in time
+            done = subprocess.run(["docker", "exec", hosts[0], "cat", history],
+                                  capture_output=True, text=True, timeout=60)  # fmt: skip
+            if done.returncode == 0 and done.stdout.strip():
+                break
+            assert time.monotonic() < deadline, "host 0 reported no epoch in time"
+            time.sleep(0.2)
+        docker("kill", hosts[1])  # the whole host is gone, mid-epoch 2
+        code = int(docker("wait", hosts[0], timeout=CONTAINER_TIMEOUT_S).stdout.strip())
+        logs = docker("logs", hosts[0])
+        assert code == 0, (logs.stdout + logs.stderr)[-4000:]
+        run_dir = tmp_path / "host0"
+        docker("cp", f"{hosts[0]}:/cache/work/lost-host", str(run_dir))
+    finally:
+        for container in docker("ps", "-aq", "--filter", f"label={LABEL}={token}").stdout.split():
+            docker("rm", "-f", container)
+        docker("network", "rm", network)
+    [restart] = [json.loads(line) for line in (run_dir / "metrics/restarts.jsonl").open()]
+    assert restart["num_proc"] == 1 and 1 <= restart["from_epoch"] < LOST_HOST_EPOCHS
+    assert len((run_dir / "metrics/train.jsonl").read_text().splitlines()) == LOST_HOST_EPOCHS
+    # The uninterrupted np=2 run, on this machine.
+    reference = PipelineConfig(
+        epochs=LOST_HOST_EPOCHS,
+        num_proc=2,
+        mirrors=[DEBIAN_DATA.as_uri()],
+        data_dir=tmp_path / "data",
+        work_dir=tmp_path / "work",
+        run_id="reference",
+        artifact_store=(tmp_path / "store").as_uri(),
+    )
+    reference_dir = Path(train(reference, prepare_dataset(reference)).removeprefix("file://"))
+    expected = mx.nd.load(str(reference_dir / "model/model.params"))
+    alone = mx.nd.load(str(run_dir / "model/model.params"))
+    for name, array in expected.items():
+        np.testing.assert_allclose(alone[name].asnumpy(), array.asnumpy(), rtol=0, atol=1e-5)
+
+
+def _local_config(tmp_path: Path, run_id: str, epochs: int, **overrides) -> PipelineConfig:
+    return PipelineConfig(
+        epochs=epochs,
+        mirrors=[DEBIAN_DATA.as_uri()],
+        data_dir=tmp_path / "data",
+        work_dir=tmp_path / run_id,
+        run_id=run_id,
+        **{"artifact_store": (tmp_path / "store").as_uri(), **overrides},
+    )
+
+
+def test_resume_in_a_new_container_restores_the_checkpoints_from_seaweedfs(
+    image, docker_objects, cache_volume, s3_env, s3_store_uri, tmp_path
+):
+    # Two epochs on this host, checkpoints copied to SeaweedFS as they are written ...
+    store = {"artifact_store": s3_store_uri, "s3_endpoint_url": s3_env.endpoint}
+    first = _local_config(tmp_path, "moved", 2, **store)
+    train(first, prepare_dataset(first))
+    # ... then a container with an empty work directory resumes the run to epoch 4.
+    options, env = s3_step_environment(s3_env, s3_store_uri)
+    options += ["-v", f"{cache_volume}:/cache"]
+    run_container(docker_objects, "step", "dataset", "--mirrors", MIRROR,
+                  options=[*options, *MIRROR_MOUNT], env=env)  # fmt: skip
+    resumed = run_container(docker_objects, "step", "train", "--run-id", "moved", "--epochs", "4",
+                            "--resume", options=options, env=env)  # fmt: skip
+    assert last_line(resumed) == "file:///cache/work/moved"
+    holder = docker("create", "--label", f"{LABEL}={docker_objects}", "-v",
+                    f"{cache_volume}:/cache", IMAGE).stdout.strip()  # fmt: skip
+    docker("cp", f"{holder}:/cache/work/moved", str(tmp_path / "container-run"))
+    history = (tmp_path / "container-run/metrics/train.jsonl").read_text().splitlines()
+    assert [json.loads(line)["epoch"] for line in history] == [1, 2, 3, 4]
+
+    uninterrupted = _local_config(tmp_path, "uninterrupted", 4)
+    reference_dir = Path(train(uninterrupted, prepare_dataset(uninterrupted))[len("file://") :])
+    expected = mx.nd.load(str(reference_dir / "model/model.params"))
+    after_resume = mx.nd.load(str(tmp_path / "container-run/model/model.params"))
+    for name, array in expected.items():
+        np.testing.assert_allclose(after_resume[name].asnumpy(), array.asnumpy(), atol=1e-5)
 
 
 # --- a flow run through a Prefect server and a docker worker -------------------------------

@@ -173,6 +173,7 @@ def test_publish_then_list_show_pull_verify(
     assert manifest["metrics"] == json.loads((run_dir / "report/metrics.json").read_text())
     assert manifest["code_revision"].startswith(("git:", "fashion-pipeline=="))
     assert manifest["flow_run_id"] is None  # not inside a Prefect flow run here
+    assert manifest["restarts"] == []  # the training's ranks never died
     assert datetime.fromisoformat(manifest["created_at"]) == datetime.fromtimestamp(T0, UTC)
     assert manifest["published_at"] > manifest["created_at"]
 
@@ -188,6 +189,21 @@ def test_publish_then_list_show_pull_verify(
         assert (pulled / key).read_bytes() == (run_dir / key).read_bytes()
     assert json.loads((pulled / MANIFEST).read_text()) == manifest
     assert verify_run(config, "run-a") == []
+
+
+def test_the_training_restarts_are_recorded_in_the_manifest(
+    store_config: PipelineConfig, dataset_uri: str
+) -> None:
+    config = with_run(store_config, "run-restarted")
+    run_dir = make_run_dir(config, created=T0)
+    restart = {"restart": 1, "rank": 1, "reason": "exited with status 137 (SIGKILL)",
+               "from_epoch": 2, "num_proc": 1}  # fmt: skip
+    # A line that is not a JSON object (a torn write) is left out, not fatal.
+    (run_dir / "metrics/restarts.jsonl").write_text(json.dumps(restart) + "\n[1, 2\n")
+    publish(config, dataset_uri, run_dir.resolve().as_uri())
+    manifest = show_run(config, "run-restarted")
+    assert manifest["restarts"] == [restart]
+    assert "metrics/restarts.jsonl" in manifest["objects"]
 
 
 def test_cli_artifacts_commands(

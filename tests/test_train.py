@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import signal
 import socket
@@ -30,6 +31,7 @@ from pydantic import ValidationError
 
 import tasks.train.step as train_module
 from pipeline.base.config import ConfigError, PipelineConfig
+from pipeline.base.store import open_store
 from tasks.dataset import load_dataset, prepare_dataset
 from tasks.train.history import TrainingError, best_epoch, train_summary
 from tasks.train.launcher import failure_message, parse_output_line
@@ -53,6 +55,8 @@ TRAIN_SCRIPT = (
 
 
 def run_config(work_dir: Path, run_id: str, **overrides) -> PipelineConfig:
+    # Checkpoints are copied to the artifact store: keep it inside the test's work dir.
+    overrides.setdefault("artifact_store", (work_dir / "_store").as_uri())
     return PipelineConfig(work_dir=work_dir, run_id=run_id, mirrors=[DEBIAN_MIRROR], **overrides)
 
 
@@ -292,10 +296,10 @@ def _kill_rank_one_after_first_epoch(run_dir: Path, outcome: dict) -> None:
     outcome["killed"] = False
 
 
-def test_killed_rank_fails_the_step_and_resume_ends_with_the_uninterrupted_model(
+def test_without_restarts_a_killed_rank_fails_the_step_and_resume_ends_uninterrupted(
     work_dir: Path, data_uri: str, five_epochs: Path
 ) -> None:
-    config = run_config(work_dir, "killed", num_proc=2, epochs=5)
+    config = run_config(work_dir, "killed", num_proc=2, epochs=5, max_restarts=0)
     run_dir = config.run_dir().resolve()
     outcome: dict = {}
     killer = threading.Thread(target=_kill_rank_one_after_first_epoch, args=(run_dir, outcome))
@@ -315,6 +319,88 @@ def test_killed_rank_fails_the_step_and_resume_ends_with_the_uninterrupted_model
     uninterrupted, after_resume = parameters(five_epochs), parameters(resumed)
     for key in uninterrupted:
         assert np.array_equal(uninterrupted[key], after_resume[key]), key
+    assert not (run_dir / "metrics" / "restarts.jsonl").exists()
+
+
+def test_a_killed_rank_is_restarted_from_the_last_checkpoint_with_the_ranks_left(
+    work_dir: Path, data_uri: str, five_epochs: Path
+) -> None:
+    config = run_config(work_dir, "restarted", num_proc=2, epochs=5, max_restarts=2)
+    run_dir = config.run_dir().resolve()
+    outcome: dict = {}
+    killer = threading.Thread(target=_kill_rank_one_after_first_epoch, args=(run_dir, outcome))
+    capture, logger = Capture(), logging.getLogger("tasks.train")
+    logger.addHandler(capture)
+    killer.start()
+    try:
+        finished = path_of(train(config, data_uri))  # completes by itself
+    finally:
+        killer.join(DEADLINE_S)
+        logger.removeHandler(capture)
+    assert outcome["killed"]
+    assert wait_until_no_ranks(run_dir) == []
+    restarts = [json.loads(line) for line in (run_dir / "metrics/restarts.jsonl").open()]
+    assert len(restarts) == 1, restarts
+    assert restarts[0]["rank"] == 1 and "SIGKILL" in restarts[0]["reason"]
+    assert 1 <= restarts[0]["from_epoch"] < 5 and restarts[0]["num_proc"] == 1
+    logged = [m for m in capture.messages if m.startswith("rank 1 exited with status 137")]
+    assert logged == [
+        f"rank 1 exited with status 137 (SIGKILL); restart 1 of at most 2 from epoch "
+        f"{restarts[0]['from_epoch']} with 1 rank(s)"
+    ]
+    assert [record["epoch"] for record in history(finished)] == [1, 2, 3, 4, 5]
+    # Every update is the mean over the same global batch at any number of ranks.
+    uninterrupted, restarted = parameters(five_epochs), parameters(finished)
+    for key in uninterrupted:
+        np.testing.assert_allclose(restarted[key], uninterrupted[key], rtol=0, atol=1e-5)
+
+
+@pytest.mark.s3
+def test_a_resume_in_an_empty_work_dir_restores_the_checkpoint_from_the_store(
+    tmp_path: Path, data_uri: str, five_epochs: Path, s3_env, s3_store_uri: str
+) -> None:
+    store = {"artifact_store": s3_store_uri, "s3_endpoint_url": s3_env.endpoint}
+    first_host = run_config(tmp_path / "first", "moved", num_proc=2, epochs=2, **store)
+    train(first_host, data_uri)
+    stored = open_store(s3_store_uri, endpoint_url=s3_env.endpoint).child("runs/moved/checkpoints")
+    assert {"checkpoint.json", "epoch-0002.params"} <= set(stored.list_keys())
+
+    # Another host: an empty work directory, the same run id, the same store.
+    fresh = run_config(tmp_path / "fresh", "moved", num_proc=2, epochs=5, resume=True, **store)
+    assert not fresh.run_dir().exists()
+    resumed = path_of(train(fresh, data_uri))
+    assert [record["epoch"] for record in history(resumed)] == [1, 2, 3, 4, 5]
+    uninterrupted, after_resume = parameters(five_epochs), parameters(resumed)
+    for key in uninterrupted:
+        assert np.array_equal(uninterrupted[key], after_resume[key]), key
+
+
+# Makes every rank kill itself with SIGKILL as it starts (Python imports sitecustomize at
+# start-up): a real process that dies by a real signal at every start.
+DIE_AT_START = (
+    "import os, signal\n"
+    "if 'HOROVOD_RANK' in os.environ:\n"
+    "    os.kill(os.getpid(), signal.SIGKILL)\n"
+)
+
+
+def test_a_rank_that_dies_at_every_start_stops_after_max_restarts(
+    work_dir: Path, data_uri: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "sitecustomize.py").write_text(DIE_AT_START)
+    paths = [str(tmp_path), *filter(None, [os.environ.get("PYTHONPATH")])]
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(paths))
+    config = run_config(work_dir, "dies-always", num_proc=2, epochs=1, max_restarts=2)
+    pattern = r"^gave up after 2 restart\(s\) \(max_restarts=2\): training failed: rank \d "
+    with pytest.raises(TrainingError, match=pattern + r"exited with status 137 \(SIGKILL\)"):
+        train(config, data_uri)
+    run_dir = config.run_dir().resolve()
+    assert wait_until_no_ranks(run_dir) == []
+    restarts = [json.loads(line) for line in (run_dir / "metrics/restarts.jsonl").open()]
+    assert [(r["restart"], r["from_epoch"], r["num_proc"]) for r in restarts] == [
+        (1, 0, 1),
+        (2, 0, 1),
+    ]
 
 
 def test_validation_split_keeps_the_best_epoch(work_dir: Path, data_uri: str) -> None:
@@ -440,6 +526,44 @@ def test_a_host_zero_whose_other_host_never_comes_fails_and_stops_its_rendezvous
     with pytest.raises(ConnectionRefusedError):  # the rendezvous server is gone with the step
         socket.create_connection(("127.0.0.1", port), timeout=5).close()
     assert wait_until_no_ranks(config.run_dir().resolve()) == []
+
+
+def _kill_host_one_after_first_epoch(host: subprocess.Popen, run_dir: Path, outcome: dict) -> None:
+    """SIGKILL host 1 (its launcher and its rank at once, as a lost machine) as soon as host 0
+    reports epoch 1 (bounded in time)."""
+    jsonl = run_dir / "metrics" / "train.jsonl"
+    deadline = time.monotonic() + DEADLINE_S
+    while time.monotonic() < deadline and host.poll() is None:
+        if jsonl.exists() and jsonl.read_text().strip():
+            processes = [psutil.Process(host.pid), *psutil.Process(host.pid).children(True)]
+            for process in processes:
+                process.kill()
+            outcome["killed"] = True
+            return
+        time.sleep(0.01)
+    outcome["killed"] = False
+
+
+def test_host_zero_goes_on_alone_when_the_other_host_dies(
+    tmp_path: Path, data_uri: str, five_epochs: Path
+) -> None:
+    port = free_port()
+    configs = [job_config(tmp_path, index, port, epochs=5) for index in (0, 1)]
+    run_dir = configs[0].run_dir().resolve()
+    outcome: dict = {}
+    with job_hosts(configs) as hosts:
+        hosts += [start_host(config, data_uri) for config in configs]
+        _kill_host_one_after_first_epoch(hosts[1], run_dir, outcome)
+        code, out, err = finish(hosts[0])
+    assert outcome["killed"]
+    assert code == 0, err
+    assert out.splitlines()[-1] == run_dir.as_uri()
+    [restart] = [json.loads(line) for line in (run_dir / "metrics/restarts.jsonl").open()]
+    assert restart["rank"] == 0 and restart["num_proc"] == 1 and 1 <= restart["from_epoch"] < 5
+    assert [record["epoch"] for record in history(run_dir)] == [1, 2, 3, 4, 5]
+    uninterrupted, alone = parameters(five_epochs), parameters(run_dir)
+    for key in uninterrupted:
+        np.testing.assert_allclose(alone[key], uninterrupted[key], rtol=0, atol=1e-5)
 
 
 def test_a_host_zero_whose_rendezvous_port_is_taken_fails_naming_it(tmp_path: Path) -> None:

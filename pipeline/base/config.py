@@ -128,6 +128,13 @@ class PipelineConfig(BaseSettings):
     resume: bool = Field(
         default=False, description="resume training from the run's last complete checkpoint"
     )
+    max_restarts: int = Field(
+        default=2,
+        ge=0,
+        le=100,
+        description="times a single-host training whose rank died is restarted, from its last "
+        "complete checkpoint with the ranks that remain; 0: a dead rank fails the step",
+    )
 
     # --- artifacts and quality gate ---
     work_dir: Path = Field(

@@ -9,7 +9,8 @@ directory and an object key under a published run. Change a file name here and n
 
     <work-dir>/<run-id>/config.json      the PipelineConfig used
                         model/           the exported model (symbol + params) and model.params
-                        metrics/         train.jsonl (per epoch), train.json (summary)
+                        metrics/         train.jsonl (per epoch), train.json (summary),
+                                         restarts.jsonl (restarts after a rank died)
                         report/          metrics.json (written last), report.md, *.png
                         checkpoints/     checkpoint.json (the pointer) + epoch-NNNN.* files
                         .run.lock        held by the run's train step (one run per run id)
@@ -38,6 +39,7 @@ MODEL_STATE = f"{MODEL_DIR}/model.params"  # save_parameters(): for Gluon code
 METRICS_DIR = "metrics"
 TRAIN_HISTORY = f"{METRICS_DIR}/train.jsonl"
 TRAIN_SUMMARY = f"{METRICS_DIR}/train.json"
+TRAIN_RESTARTS = f"{METRICS_DIR}/restarts.jsonl"  # one line per restart of the rank gang
 REPORT_DIR = "report"
 REPORT_METRICS = f"{REPORT_DIR}/metrics.json"  # written last: its presence means complete
 REPORT_MARKDOWN = f"{REPORT_DIR}/report.md"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from datetime import UTC, datetime
 
@@ -27,6 +28,7 @@ def build_manifest(
     metrics: dict,
     code_revision: str,
     flow_run_id: str | None,
+    restarts: list[dict] | None = None,
 ) -> dict:
     """The record of a published run: what it is made of and how it was made."""
     return {
@@ -39,8 +41,24 @@ def build_manifest(
         "dataset": dataset,
         "config": config,
         "metrics": metrics,
+        # Restarts of the training's ranks after one died (metrics/restarts.jsonl).
+        "restarts": restarts or [],
         "objects": dict(sorted(objects.items())),
     }
+
+
+def parse_restarts(text: str) -> list[dict]:
+    """The records of a run's TRAIN_RESTARTS file (JSON lines); lines that are not JSON
+    objects are left out."""
+    records = []
+    for line in text.splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict):
+            records.append(record)
+    return records
 
 
 def latest_record(manifest: dict) -> dict:

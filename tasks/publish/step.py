@@ -36,7 +36,13 @@ from pipeline.base.store import (
 from tasks.dataset import read_record
 from tasks.evaluate.gate import read_metrics
 from tasks.evaluate.metrics import EvaluationError
-from tasks.publish.manifest import build_manifest, is_newer, latest_record, utc_iso
+from tasks.publish.manifest import (
+    build_manifest,
+    is_newer,
+    latest_record,
+    parse_restarts,
+    utc_iso,
+)
 
 LATEST_ATTEMPTS = 8
 
@@ -170,6 +176,14 @@ def promote_latest(store: ArtifactStore, manifest: dict) -> bool:
     )
 
 
+def read_restarts(run_dir: Path) -> list[dict]:
+    """The training's restarts recorded in the run directory (none when the file is absent)."""
+    try:
+        return parse_restarts((run_dir / layout.TRAIN_RESTARTS).read_text(errors="replace"))
+    except FileNotFoundError:
+        return []
+
+
 def publish_run(
     store: ArtifactStore, run_dir: Path, dataset_record: dict, config: PipelineConfig
 ) -> PublishResult:
@@ -205,6 +219,7 @@ def publish_run(
             metrics=metrics,
             code_revision=code_revision(),
             flow_run_id=flow_run_id(),
+            restarts=read_restarts(run_dir),
         )
         published = _write_manifest(run_store, manifest)
     promoted = published["metrics"]["gate"]["passed"] and promote_latest(store, published)

@@ -26,9 +26,11 @@ from pipeline.base.locks import exclusive_lock
 from pipeline.base.logs import step_logger
 from pipeline.base.uris import to_uri
 from tasks.train import rendezvous
-from tasks.train.checkpoints import check_resumable
+from tasks.train.checkpoints import check_resumable, read_checkpoint
 from tasks.train.history import TrainingError
 from tasks.train.launcher import Launch, run_ranks
+from tasks.train.store_checkpoints import CheckpointMirror, checkpoint_store, restore_checkpoint
+from tasks.train.supervisor import supervise
 
 # The seed's per-batch operators (256x784 by 784x10) are too small to split across threads:
 # measured on 2 cores, a second OpenMP thread (or engine worker) made the training loop 2.5x
@@ -73,6 +75,9 @@ def rank_environment(config: PipelineConfig, base: Mapping[str, str]) -> dict[st
         # fixed thread counts also keep reductions in a fixed order (determinism).
         "OMP_NUM_THREADS": str(threads),
         "MXNET_CPU_WORKER_NTHREADS": str(threads),
+        # Horovod's MXNet operators run on the engine's prioritized pool (4 threads by
+        # default): one is enough for one allreduce in flight, more only compete for the cores.
+        "MXNET_CPU_PRIORITY_NTHREADS": str(threads),
         # Deterministic operator implementations: same seed and N => bit-identical parameters.
         "MXNET_ENFORCE_DETERMINISM": "1",
         "PYTHONUNBUFFERED": "1",
@@ -214,8 +219,50 @@ def train(
 
     With `config.worker_index` set only this host's ranks run here; the model is written on
     host 0 (`config.is_coordinator()`), the other hosts' run directories hold just config.json.
+    On one host a rank that dies costs a restart (up to `config.max_restarts`), not the run.
+    Host 0 copies each checkpoint to the artifact store, and a resume whose run directory has
+    none restores it from there first.
     `on_output` receives rank 0's stdout lines (the epoch lines), e.g. to show progress."""
+    run_dir = config.run_dir().resolve()
+    if not config.is_coordinator():
+        check_launchable(config)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        start_ranks(config, data_uri, on_output)
+        return to_uri(run_dir)
+    store = checkpoint_store(config)
+    if config.resume and read_checkpoint(run_dir) is None:
+        epoch = restore_checkpoint(store, run_dir)
+        if epoch is not None:
+            step_logger(__name__).info(
+                "restored the checkpoint of epoch %d from %s", epoch, store.uri
+            )
     check_launchable(config)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if not config.resume:  # a fresh run: restarts of an earlier attempt are not its own
+        (run_dir / layout.TRAIN_RESTARTS).unlink(missing_ok=True)
+    mirror = CheckpointMirror(store, run_dir)
+
+    def forward(line: str) -> None:
+        if line.startswith("epoch "):  # rank 0 reports an epoch once its checkpoint is written
+            mirror.epoch_done()
+        if on_output is not None:
+            on_output(line)
+
+    try:
+        if config.worker_index is not None or not uses_ssh(config):  # host 0 or one host
+            supervise(config, lambda attempt: start_ranks(attempt, data_uri, forward))
+        else:
+            start_ranks(config, data_uri, forward)
+    finally:
+        mirror.close()
+    return to_uri(run_dir)
+
+
+def start_ranks(
+    config: PipelineConfig, data_uri: str, on_output: Callable[[str], None] | None
+) -> None:
+    """One attempt: write the run's config.json, start the ranks, wait for them."""
+    check_launchable(config)  # again for a restart: it resumes from the checkpoint left
     run_dir = config.run_dir().resolve()
     # One run per run directory for the whole training: a second run with the same run id
     # fails here, at once, instead of deleting this one's checkpoints (a fresh start does).

@@ -1,0 +1,119 @@
+"""Checkpoints in the artifact store: mirrored as they are written, restored into an empty
+work directory, so that `--resume --run-id ID` works on any host or container.
+
+Store layout (pipeline.base.layout): the run's checkpoint files under
+`runs/<run-id>/checkpoints/`, the pointer `checkpoint.json` written last, as on disk, so the
+stored pointer only ever names files that are stored whole. The launcher (not a rank) talks to
+the store: ranks never see store credentials. Epoch files are content-addressed by name
+(`epoch-NNNN.*`, written once), so a mirror that reads one is never torn.
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+from pydantic import ValidationError
+
+from pipeline.base import layout
+from pipeline.base.config import ConfigError, PipelineConfig
+from pipeline.base.files import atomic_write
+from pipeline.base.logs import step_logger
+from pipeline.base.store import ArtifactStore, open_store
+from pipeline.base.store.base import sha256_file
+from tasks.train.checkpoints import Checkpoint, checkpoint_dir
+
+POINTER_NAME = Path(layout.CHECKPOINT_POINTER).name
+
+# --- pure core ------------------------------------------------------------------------------
+
+
+def checkpoint_files(checkpoint: Checkpoint) -> list[str]:
+    """The file names a pointer needs besides itself."""
+    return sorted({checkpoint.params, checkpoint.optimizer, checkpoint.best_params})
+
+
+# --- shell ------------------------------------------------------------------------------------
+
+
+def checkpoint_store(config: PipelineConfig) -> ArtifactStore:
+    """Where the run's checkpoints are kept in the artifact store."""
+    store = open_store(config.artifact_store, **config.store_options())
+    return store.child(f"{layout.run_key(config.run_id)}/{layout.CHECKPOINTS}")
+
+
+def mirror_checkpoint(store: ArtifactStore, run_dir: Path) -> int | None:
+    """Copy the run directory's last complete checkpoint to `store` (pointer last); its epoch,
+    None when there is none yet or rank 0 replaced it while it was read (the next one will do)."""
+    directory = checkpoint_dir(run_dir)
+    try:
+        text = (run_dir / layout.CHECKPOINT_POINTER).read_text()
+        checkpoint = Checkpoint.model_validate_json(text)
+        files = {name: (directory / name, sha256_file(directory / name)) for name in
+                 checkpoint_files(checkpoint)}  # fmt: skip
+    except (FileNotFoundError, ValidationError):
+        return None
+    store.sync(files)
+    store.put(POINTER_NAME, text.encode())
+    return checkpoint.epoch
+
+
+def restore_checkpoint(store: ArtifactStore, run_dir: Path) -> int | None:
+    """Download the stored checkpoint into an empty run directory (pointer last, every file
+    checked against the SHA-256 it was stored with); its epoch, None when the store has none."""
+    blob = store.get(POINTER_NAME)
+    if blob is None:
+        return None
+    try:
+        checkpoint = Checkpoint.model_validate_json(blob.data)
+    except ValidationError as exc:
+        raise ConfigError(
+            f"resume: {store.key_uri(POINTER_NAME)} is not a valid checkpoint pointer "
+            f"({exc.error_count()} problem(s), e.g. {exc.errors()[0]['msg']})"
+        ) from None
+    names = checkpoint_files(checkpoint)
+    expected = store.stat_many(names)
+    missing = [name for name, info in expected.items() if info is None]
+    if missing:
+        raise ConfigError(
+            f"resume: the stored checkpoint pointer names {', '.join(missing)}, which "
+            f"{store.uri} does not hold"
+        )
+    store.fetch(expected, checkpoint_dir(run_dir))
+    atomic_write(run_dir / layout.CHECKPOINT_POINTER, blob.data.decode())
+    return checkpoint.epoch
+
+
+class CheckpointMirror:
+    """Mirrors the run's checkpoint to the store in the background after each epoch, so a
+    slow store never holds up the launcher; `close()` mirrors the last one and stops."""
+
+    def __init__(self, store: ArtifactStore, run_dir: Path) -> None:
+        self.store, self.run_dir = store, run_dir
+        self.logger = step_logger(__name__)
+        self.pending, self.closing = threading.Event(), False
+        self.thread = threading.Thread(target=self._run, name="checkpoint-mirror", daemon=True)
+        self.thread.start()
+
+    def epoch_done(self) -> None:
+        self.pending.set()
+
+    def _mirror(self) -> None:
+        try:
+            mirror_checkpoint(self.store, self.run_dir)
+        except Exception as exc:  # noqa: BLE001 - training goes on; the local copy stands
+            self.logger.warning("checkpoint not copied to %s: %s", self.store.uri, exc)
+
+    def _run(self) -> None:
+        while True:
+            self.pending.wait()
+            self.pending.clear()
+            if self.closing:
+                return
+            self._mirror()
+
+    def close(self) -> None:
+        self.closing = True
+        self.pending.set()
+        self.thread.join()
+        self._mirror()
