@@ -15,8 +15,8 @@ import os
 import shutil
 import socket
 import sys
-from collections.abc import Callable, Mapping
-from contextlib import nullcontext
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 from pipeline.base import layout
@@ -226,36 +226,46 @@ def train(
     run_dir = config.run_dir().resolve()
     if not config.is_coordinator():
         check_launchable(config)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        start_ranks(config, data_uri, on_output)
+        with run_lock(config, run_dir):
+            start_ranks(config, data_uri, on_output)
         return to_uri(run_dir)
     store = checkpoint_store(config)
-    if config.resume and read_checkpoint(run_dir) is None:
-        epoch = restore_checkpoint(store, run_dir)
-        if epoch is not None:
-            step_logger(__name__).info(
-                "restored the checkpoint of epoch %d from %s", epoch, store.uri
-            )
-    check_launchable(config)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if not config.resume:  # a fresh run: restarts of an earlier attempt are not its own
-        (run_dir / layout.TRAIN_RESTARTS).unlink(missing_ok=True)
-    mirror = CheckpointMirror(store, run_dir)
+    with run_lock(config, run_dir):
+        if config.resume and read_checkpoint(run_dir) is None:
+            epoch = restore_checkpoint(store, run_dir)
+            if epoch is not None:
+                step_logger(__name__).info(
+                    "restored the checkpoint of epoch %d from %s", epoch, store.uri
+                )
+        check_launchable(config)
+        if not config.resume:  # a fresh run: restarts of an earlier attempt are not its own
+            (run_dir / layout.TRAIN_RESTARTS).unlink(missing_ok=True)
+        mirror = CheckpointMirror(store, run_dir)
 
-    def forward(line: str) -> None:
-        if line.startswith("epoch "):  # rank 0 reports an epoch once its checkpoint is written
-            mirror.epoch_done()
-        if on_output is not None:
-            on_output(line)
+        def forward(line: str) -> None:
+            if line.startswith("epoch "):  # rank 0 reports an epoch once its checkpoint is written
+                mirror.epoch_done()
+            if on_output is not None:
+                on_output(line)
 
-    try:
-        if config.worker_index is not None or not uses_ssh(config):  # host 0 or one host
-            supervise(config, lambda attempt: start_ranks(attempt, data_uri, forward))
-        else:
-            start_ranks(config, data_uri, forward)
-    finally:
-        mirror.close()
+        try:
+            if config.worker_index is not None or not uses_ssh(config):  # host 0 or one host
+                supervise(config, lambda attempt: start_ranks(attempt, data_uri, forward))
+            else:
+                start_ranks(config, data_uri, forward)
+        finally:
+            mirror.close()
     return to_uri(run_dir)
+
+
+@contextmanager
+def run_lock(config: PipelineConfig, run_dir: Path) -> Iterator[None]:
+    """One run per run directory for the whole training, restarts included: a second run with
+    the same run id fails at once instead of deleting this one's checkpoints."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    lock = run_dir / layout.run_lock(config.worker_index)
+    with exclusive_lock(lock, f"run {config.run_id!r} ({run_dir})"):
+        yield
 
 
 def start_ranks(
@@ -263,13 +273,7 @@ def start_ranks(
 ) -> None:
     """One attempt: write the run's config.json, start the ranks, wait for them."""
     check_launchable(config)  # again for a restart: it resumes from the checkpoint left
-    run_dir = config.run_dir().resolve()
-    # One run per run directory for the whole training: a second run with the same run id
-    # fails here, at once, instead of deleting this one's checkpoints (a fresh start does).
-    lock = run_dir / layout.run_lock(config.worker_index)
-    with exclusive_lock(lock, f"run {config.run_id!r} ({run_dir})"):
-        _launch(config, data_uri, run_dir, on_output)
-    return to_uri(run_dir)
+    _launch(config, data_uri, config.run_dir().resolve(), on_output)
 
 
 def _launch(
