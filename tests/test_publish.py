@@ -33,10 +33,12 @@ from pipeline.base.store import (
     StoreError,
     open_store,
 )
+from pipeline.base.store.documents import Manifest, document_bytes
 from tasks.dataset import CLASS_NAMES, prepare_dataset, read_record
 from tasks.publish.artifacts import list_runs, pull_run, show_run, verify_run
-from tasks.publish.manifest import format_run_line, utc_iso
+from tasks.publish.manifest import format_run_line
 from tasks.publish.step import PublishError, promote_latest, publish, publish_run
+from tests.support.documents import manifest_bytes
 
 DEBIAN_MIRROR = "file:///usr/share/datasets/fashion-mnist/"
 T0 = 1_700_000_000.0  # creation time of the first test run; later runs are newer
@@ -286,22 +288,32 @@ def test_gate_failure_is_stored_but_not_promoted(
     assert "gate FAILED" in format_run_line(runs[0])
 
 
-def test_latest_only_moves_forward(store_config: PipelineConfig, record: dict) -> None:
+def test_latest_follows_publication_order_not_file_times(
+    store_config: PipelineConfig, record: dict
+) -> None:
+    """A run whose files carry future times (a clock ahead, `cp -p`) does not pin latest.json."""
     store = open_store(store_config.artifact_store, **store_config.store_options())
 
-    def publish_at(run_id: str, created: float) -> bool:
+    def publish_at(run_id: str, created: float):
         config = with_run(store_config, run_id)
         run_dir = make_run_dir(config, created=created)
-        return publish_run(store, run_dir, record, config).promoted
+        return publish_run(store, run_dir, record, config)
 
-    assert publish_at("run-new", T0 + 100)
-    assert not publish_at("run-old", T0)  # a late publish of an older run
-    assert read_latest(store_config)["run_id"] == "run-new"
-    assert publish_at("run-newest", T0 + 200)
+    year = 365 * 24 * 3600
+    assert publish_at("run-from-the-future", time.time() + 10 * year).promoted
+    later = publish_at("run-later", T0)  # published after it, files dated long before
+    assert later.promoted, later.promotion
     latest = read_latest(store_config)
-    assert (
-        latest["run_id"] == "run-newest" and latest["manifest"] == "runs/run-newest/manifest.json"
-    )
+    assert latest["run_id"] == "run-later" and latest["manifest"] == "runs/run-later/manifest.json"
+    manifest = store.get("runs/run-later/manifest.json").data
+    assert latest["manifest_sha256"] == hashlib.sha256(manifest).hexdigest()
+    assert publish_at("run-newest", T0 - 100).promoted
+    assert [r["run_id"] for r in list_runs(store_config)][0] == "run-newest"
+
+    # Publishing an already promoted run again never moves latest.json back; the result says why.
+    again = publish_at("run-later", T0)
+    assert not again.promoted and "run-newest" in again.promotion
+    assert read_latest(store_config)["run_id"] == "run-newest"
 
 
 def test_racing_publishers_both_complete_and_latest_is_the_newer(
@@ -339,24 +351,25 @@ def test_compare_and_swap_keeps_the_newest_under_contention(
     store.ensure_writable()
     writers = 6
     for round_ in range(3):
-        ages = random.sample(range(writers), writers)  # start order unrelated to age
+        orders = random.sample(range(writers), writers)  # start order unrelated to order
         manifests = [
-            {
-                "run_id": f"r{round_}-{age}",
-                "created_at": utc_iso(T0 + 100 * round_ + age),
-                "metrics": {"accuracy": 0.8},
-            }
-            for age in ages
+            Manifest.model_validate(
+                {**json.loads(manifest_bytes(f"r{round_}-{order}", {})), "published_after": order}
+            )
+            for order in orders
         ]
+        for manifest in manifests:
+            manifest.published_after += 100 * round_
         barrier = threading.Barrier(writers)
         results: dict[str, bool | BaseException] = {}
 
         def promote(manifest: dict, barrier=barrier, results=results) -> None:
             barrier.wait(timeout=30)
             try:
-                results[manifest["run_id"]] = promote_latest(store, manifest)
+                digest = hashlib.sha256(document_bytes(manifest)).hexdigest()
+                results[manifest.run_id] = promote_latest(store, manifest, digest).promoted
             except BaseException as exc:  # reported by the main thread
-                results[manifest["run_id"]] = exc
+                results[manifest.run_id] = exc
 
         threads = [threading.Thread(target=promote, args=(m,)) for m in manifests]
         for thread in threads:

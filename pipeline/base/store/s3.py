@@ -287,8 +287,42 @@ class S3Store(ArtifactStore):
                 **conditions,
             )
 
-    def upload(self, files: Mapping[str, tuple[Path, str]]) -> None:
+    @property
+    def _single_put(self) -> int:
+        return self._transfer.multipart_threshold
+
+    def _put_file_if_absent(self, item: tuple[str, tuple[Path, str]]) -> bool:
+        """One create-only PUT (the transfer manager cannot send If-None-Match); False: lost."""
+        key, (path, digest) = item
+        try:
+            with self._errors("upload to", key), path.open("rb") as body:
+                self._client.put_object(
+                    Bucket=self.bucket,
+                    Key=self._key(key),
+                    Body=body,
+                    IfNoneMatch="*",
+                    ChecksumAlgorithm="SHA256",
+                    Metadata={SHA256_METADATA: digest},
+                    ContentType=content_type(key),
+                )
+        except ConflictError:
+            return False
+        return True
+
+    def upload(self, files: Mapping[str, tuple[Path, str]], *, create_only: bool = False) -> None:
         if not files:
+            return
+        if create_only:
+            # The transfer manager cannot send If-None-Match: single PUTs for what fits one.
+            # A larger (multipart) object was absent when `sync` looked; a writer racing it in
+            # between is caught by the publish step's re-hash before promotion.
+            small = {k: v for k, v in files.items() if v[0].stat().st_size <= self._single_put}
+            created = self._map(self._put_file_if_absent, list(small.items()))
+            lost = [key for key, ok in zip(small, created, strict=True) if not ok]
+            files = {k: v for k, v in files.items() if k not in small}
+            self.upload(files)
+            if lost:
+                raise ConflictError(f"{self.key_uri(lost[0])} (and {len(lost) - 1} more) exist")
             return
         with (
             self._errors("upload to"),
