@@ -39,7 +39,14 @@ class ObjectEntry(BaseModel):
         return ObjectInfo(self.size, self.sha256)
 
 
-ObjectKey = Annotated[str, AfterValidator(check_key)]
+def _plain_key(key: str) -> str:
+    try:
+        return check_key(key)
+    except IntegrityError as exc:
+        raise ValueError(str(exc)) from None  # pydantic reports ValueErrors with their location
+
+
+ObjectKey = Annotated[str, AfterValidator(_plain_key)]
 
 
 class Gate(BaseModel):
