@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -264,6 +265,112 @@ def test_a_run_id_is_never_overwritten_with_other_content(
     assert verify_run(config, "run-a") == []
 
 
+def test_a_publisher_never_mixes_its_bytes_with_another_of_the_same_run_id(
+    store_config: PipelineConfig, record: dict, tmp_path: Path
+) -> None:
+    """Issue 15, item 1: B has stored its objects but not yet its manifest when A publishes."""
+    config = with_run(store_config, "run-twice")
+    a_dir = make_run_dir(config, created=T0)
+    b_config = config.model_copy(update={"work_dir": tmp_path / "host-b"})
+    b_dir = make_run_dir(b_config, created=T0, accuracy=0.9)
+    store = open_store(config.artifact_store, **config.store_options())
+    store.ensure_writable()
+    run_store = store.child("runs/run-twice")
+    b_files = {key: (b_dir / key, sha256_of(b_dir / key)) for key in published_keys(b_dir)}
+    run_store.sync(b_files)  # B, half-way: objects stored, no manifest yet
+    with pytest.raises(ConflictError, match="already holds other bytes"):
+        publish_run(store, a_dir, record, config)
+    assert run_store.stat(MANIFEST) is None and store.stat(LATEST) is None
+    assert {key: run_store.rehash(key).sha256 for key in b_files} == {
+        key: digest for key, (_, digest) in b_files.items()
+    }
+    assert publish_run(store, b_dir, record, b_config).promoted  # B finishes: its own bytes
+    assert verify_run(config, "run-twice") == []
+
+
+@pytest.mark.s3
+def test_racing_publishers_of_one_run_id_in_two_processes(
+    s3_env, s3_store_uri: str, record: dict, tmp_path: Path
+) -> None:
+    """Two real processes publish one run id with different bytes, at the same instant: at most
+    one manifest wins, and latest.json only ever names a run that verifies."""
+    for round_ in range(3):
+        configs = [
+            PipelineConfig(
+                artifact_store=s3_store_uri,
+                s3_endpoint_url=s3_env.endpoint,
+                work_dir=tmp_path / f"host-{host}",
+                run_id=f"race-{round_}",
+            )
+            for host in "ab"
+        ]
+        dirs = [make_run_dir(c, created=T0, accuracy=0.85 + i / 100) for i, c in enumerate(configs)]
+        start_at = time.time() + 3
+        processes = [
+            start_publisher(c, d, record, start_at=start_at)
+            for c, d in zip(configs, dirs, strict=True)
+        ]
+        try:
+            outputs = [p.communicate(timeout=120)[0].decode() for p in processes]
+        finally:
+            for process in processes:
+                if process.poll() is None:
+                    process.kill()
+                    process.wait()
+        codes = [p.returncode for p in processes]
+        assert 0 in codes, outputs
+        for code, output in zip(codes, outputs, strict=True):
+            assert code == 0 or "ConflictError" in output, output
+        assert verify_run(configs[0], f"race-{round_}") == []
+        latest = read_latest(configs[0])
+        assert latest["run_id"] == f"race-{round_}"
+        assert pull_run(configs[0], latest["run_id"], tmp_path / f"pulled-{round_}").is_dir()
+
+
+def sha256_of(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_damaged_documents_are_reported_never_crash(
+    store_config: PipelineConfig, record: dict, tamper, capsys
+) -> None:
+    """Issue 15, item 8: store documents are validated; a damaged run is listed as damaged."""
+    store = open_store(store_config.artifact_store, **store_config.store_options())
+    store.ensure_writable()
+    store.put(LATEST, b'{"run": "someone else\'s idea of latest"}')  # valid JSON, wrong fields
+    config = with_run(store_config, "run-good")
+    result = publish_run(store, make_run_dir(config, created=T0), record, config)
+    assert result.promoted, result.promotion
+    assert read_latest(store_config)["run_id"] == "run-good"
+
+    good = store.get("runs/run-good/manifest.json").data
+    damaged = {
+        "run-wrong-fields": b'{"run_id": "run-wrong-fields"}',
+        "run-nul-key": good.replace(b'"config.json"', b'"config\\u0000.json"'),
+        "run-dot-key": good.replace(b'"config.json"', b'"."'),
+        "run-dotdot-key": good.replace(b'"config.json"', b'"model/../../x"'),
+        "run-huge-int": good.replace(b'"format": 1', b'"format": ' + b"9" * 5000),
+        "run-huge-size": re.sub(rb'"size": \d+', b'"size": ' + b"9" * 40, good, count=1),
+    }
+    for run_id, data in damaged.items():
+        store.put(f"runs/{run_id}/manifest.json", data)
+    flags = ["--artifact-store", store_config.artifact_store]
+    if store_config.s3_endpoint_url:
+        flags += ["--s3-endpoint-url", store_config.s3_endpoint_url]
+    assert cli.main(["artifacts", *flags, "list"]) == 0
+    out = capsys.readouterr().out
+    assert "run-good  accuracy 0.8400  gate passed" in out and "<- latest" in out
+    for run_id in damaged:
+        assert f"{run_id}  DAMAGED: " in out and "not a valid Manifest" in out
+        assert cli.main(["artifacts", *flags, "verify", run_id]) == 1
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith("error: ") and "not a valid Manifest" in err
+
+    # A latest.json whose manifest digest no longer matches marks no run as latest.
+    tamper(store.child("runs/run-good"), MANIFEST, good.replace(b"0.84", b"0.99"))
+    assert not any(run["latest"] for run in list_runs(store_config))
+
+
 # --- latest.json ----------------------------------------------------------------------------------
 
 
@@ -399,6 +506,9 @@ if args.get("max_file_bytes"):
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
     resource.setrlimit(resource.RLIMIT_FSIZE, (args["max_file_bytes"],) * 2)
 config = PipelineConfig.model_validate_json(args["config"])
+if args.get("start_at"):  # racing publishers: start together
+    import time
+    time.sleep(max(0.0, args["start_at"] - time.time()))
 transfer = TransferConfig(**args["transfer"]) if args.get("transfer") else None
 store = open_store(config.artifact_store, **config.store_options(), transfer=transfer)
 publish_run(store, Path(args["run_dir"]), args["record"], config)
