@@ -41,7 +41,11 @@ def to_model_input(images: np.ndarray) -> np.ndarray:
 
 
 @contextmanager
-def local_run_dir(model_uri: str, endpoint_url: str | None = None) -> Iterator[Path]:
+def local_run_dir(
+    model_uri: str,
+    endpoint_url: str | None = None,
+    timeouts: tuple[float, float, int] | None = None,
+) -> Iterator[Path]:
     """The run directory as a local directory, verified before anything is loaded from it.
 
     s3:// URIs name published runs: they need a manifest, and are copied (every checksum
@@ -52,7 +56,9 @@ def local_run_dir(model_uri: str, endpoint_url: str | None = None) -> Iterator[P
     scheme = urlparse(model_uri).scheme
     if scheme == "s3":
         with tempfile.TemporaryDirectory(prefix="evaluate-model-") as scratch:
-            yield materialize(model_uri, Path(scratch), endpoint_url, published=True)
+            yield materialize(
+                model_uri, Path(scratch), endpoint_url, published=True, timeouts=timeouts
+            )
     elif scheme in ("", "file"):
         run_dir = local_path(model_uri)
         if not run_dir.is_dir():

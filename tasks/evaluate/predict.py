@@ -133,7 +133,7 @@ def predict(model_uri: str, inputs: list[Path], config: PipelineConfig) -> list[
     Images should show a light object on a black background, as Fashion-MNIST does.
     """
     items = [item for path in inputs for item in read_input_images(path)]
-    with local_run_dir(model_uri, config.s3_endpoint_url) as run_dir:
+    with local_run_dir(model_uri, config.s3_endpoint_url, config.s3_timeouts()) as run_dir:
         net = load_model(run_dir, model_uri)
     if not items:
         return []

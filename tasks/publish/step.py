@@ -265,7 +265,9 @@ def _promotions_so_far(store: ArtifactStore) -> int:
 def publish(config: PipelineConfig, data_uri: str, run_dir_uri: str) -> str:
     """The flow's publish step: returns the URI of the published run."""
     store = open_store(config.artifact_store, **config.store_options())
-    run_dir = materialize(run_dir_uri, config.run_dir(), config.s3_endpoint_url)
+    run_dir = materialize(
+        run_dir_uri, config.run_dir(), config.s3_endpoint_url, timeouts=config.s3_timeouts()
+    )
     result = publish_run(store, run_dir, read_record(data_uri), config)
     step_logger(__name__).info(
         f"published run {config.run_id} to {result.run_uri} ({len(result.uploaded)} object(s) "

@@ -61,12 +61,14 @@ def open_store(
     endpoint_url: str | None = None,
     create_bucket: bool = False,
     transfer: object | None = None,
+    timeouts: tuple[float, float, int] | None = None,
 ) -> ArtifactStore:
     """The store at `uri`: file://PATH (file://rel is relative to the cwd) or s3://BUCKET/PREFIX.
 
     `endpoint_url`: an S3-compatible server (else boto3's own configuration decides);
     `create_bucket`: whether `ensure_writable` may create a missing bucket; `transfer`: a boto3
-    TransferConfig tuning multipart sizes and concurrency.
+    TransferConfig tuning multipart sizes and concurrency; `timeouts`: (connect seconds, read
+    seconds, attempts) of every S3 request (`PipelineConfig.s3_timeouts`).
     """
     scheme = check_store_uri(uri, StoreError)
     if scheme == "file":
@@ -76,7 +78,7 @@ def open_store(
 
     parsed = urlparse(uri)
     return S3Store.connect(
-        parsed.netloc, unquote(parsed.path), endpoint_url, create_bucket, transfer
+        parsed.netloc, unquote(parsed.path), endpoint_url, create_bucket, transfer, timeouts
     )
 
 
@@ -107,7 +109,12 @@ def _unfinished(uri: str) -> StoreError:
 
 
 def materialize(
-    uri: str, dest: Path, endpoint_url: str | None = None, *, published: bool = False
+    uri: str,
+    dest: Path,
+    endpoint_url: str | None = None,
+    *,
+    published: bool = False,
+    timeouts: tuple[float, float, int] | None = None,
 ) -> Path:
     """A run directory on local disk: PATH, file://PATH or s3://BUCKET/PREFIX/runs/RUN_ID.
 
@@ -118,7 +125,7 @@ def materialize(
     """
     if "://" not in uri:
         uri = Path(uri).expanduser().absolute().as_uri()
-    store = open_store(uri, endpoint_url=endpoint_url)
+    store = open_store(uri, endpoint_url=endpoint_url, timeouts=timeouts)
     local = store.local_root()
     if local is not None:
         if not local.is_dir():

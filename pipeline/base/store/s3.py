@@ -39,7 +39,8 @@ from pipeline.base.store.base import (
     safe_relative,
 )
 
-CONNECT_TIMEOUT_S = 5  # botocore's default of 60 s per attempt hides a dead endpoint for minutes
+# (connect s, read s, attempts): PipelineConfig's defaults, for stores opened without a config.
+DEFAULT_TIMEOUTS = (5.0, 30.0, 3)
 _HASH_CHUNK = 1 << 20
 
 
@@ -100,15 +101,20 @@ class S3Store(ArtifactStore):
         endpoint_url: str | None = None,
         create_bucket: bool = False,
         transfer: TransferConfig | None = None,
+        timeouts: tuple[float, float, int] | None = None,
     ) -> S3Store:
+        """`timeouts`: (connect s, read s, attempts); botocore's own (60 s reads) would let a
+        hung endpoint hold every call for minutes."""
         transfer = transfer or TransferConfig()
+        connect_timeout, read_timeout, attempts = timeouts or DEFAULT_TIMEOUTS
         session = boto3.Session()  # AWS_PROFILE, AWS_* variables, ~/.aws/config + credentials
         endpoint = endpoint_url or _configured_endpoint_url(session)
         botocore_config = Config(
-            # "standard" retries connection errors, throttling and 5xx with backoff; the
-            # number of attempts stays boto3's (3, or AWS_MAX_ATTEMPTS / max_attempts).
-            retries={"mode": "standard"},
-            connect_timeout=CONNECT_TIMEOUT_S,
+            # "standard" retries connection errors, timeouts, throttling and 5xx with backoff;
+            # the attempts and timeouts are the pipeline's (s3_* settings), one place for all.
+            retries={"mode": "standard", "total_max_attempts": attempts},
+            connect_timeout=connect_timeout,
+            read_timeout=read_timeout,
             max_pool_connections=max(10, transfer.max_concurrency),
             # S3-compatible servers rarely resolve BUCKET.host names: address them by path.
             s3={"addressing_style": "path"} if endpoint else None,
