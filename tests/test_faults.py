@@ -136,7 +136,8 @@ def test_hung_s3_endpoint_ends_within_the_configured_deadline(
     assert 2 <= elapsed < 15, elapsed
 
 
-@pytest.mark.timeout(300)
+# Thread method: Prefect's own step timeout uses SIGALRM, which the signal method also uses.
+@pytest.mark.timeout(600, method="thread")
 def test_a_step_past_its_timeout_is_stopped_as_one_clear_failure(
     prefect_api: None,
     hung_endpoint: str,
@@ -144,11 +145,13 @@ def test_a_step_past_its_timeout_is_stopped_as_one_clear_failure(
     dataset_uri: str,
     tmp_path: Path,
 ) -> None:
-    """Even with S3 timeouts too generous to help, the publish step's own deadline ends it."""
+    """With S3 timeouts too generous to help (2 s x 10 attempts, plus backoff, per request),
+    the publish step's own deadline of 3 s ends each attempt."""
     config = PipelineConfig(
         artifact_store="s3://bucket/p",
         s3_endpoint_url=hung_endpoint,
-        s3_read_timeout=300,
+        s3_read_timeout=2,
+        s3_max_attempts=10,
         publish_timeout=3,
         work_dir=tmp_path / "work",
         run_id="run-hung",
@@ -163,14 +166,15 @@ def test_a_step_past_its_timeout_is_stopped_as_one_clear_failure(
     with pytest.raises(StepFailed, match="publish did not finish within its publish_timeout"):
         publish_only()
     elapsed = time.monotonic() - start
-    # Prefect retries the publish task twice (10 s apart): three deadlines, two delays.
-    assert elapsed < 3 * 3 + 2 * 10 + 30, elapsed
+    # Prefect retries the publish task twice (10 s apart): three deadlines, two delays; one
+    # attempt alone would take the S3 settings' 10 x 2 s plus backoff without the deadline.
+    assert elapsed < 3 * 3 + 2 * 10 + 25, elapsed
 
 
 # --- a failure leaves a record and can call someone -------------------------------------------
 
 
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(600, method="thread")
 def test_a_failed_run_stores_failure_json_and_notifies(
     prefect_api: None, receiver: Receiver, tmp_path: Path
 ) -> None:
