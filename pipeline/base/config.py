@@ -159,8 +159,11 @@ class PipelineConfig(BaseSettings):
     s3_max_attempts: int = Field(
         default=3, ge=1, le=10, description="attempts per S3 request (connection errors, 5xx)"
     )
+    # exclude: a webhook URL is a credential; it never goes into config.json, a manifest, a
+    # failure record or a rank's environment.
     notify_url: str | None = Field(
         default=None,
+        exclude=True,
         description="Apprise URL (json://, slack://, mailto://, ...) called when a run fails or "
         "misses the quality gate",
     )

@@ -109,7 +109,7 @@ def failures_reported(config: PipelineConfig, steps: CurrentStep) -> Iterator[No
     started = time.time()
     try:
         yield
-    except (Exception, KeyboardInterrupt) as exc:
+    except Exception as exc:  # not Ctrl-C / SIGTERM: those must stop at once
         step = "gate" if isinstance(exc, QualityGateFailed) else steps.current or "flow"
         report_failure(config, failure_record(config, step, exc, started, time.time()))
         raise
