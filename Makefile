@@ -9,10 +9,12 @@ RUN := $(UV) run --frozen --no-sync
 DEBIAN_DATA := /usr/share/datasets/fashion-mnist
 ARGS ?=
 
-.PHONY: help run test lint format bench sync ensure-data
+.PHONY: help run stop-server test lint format bench sync ensure-data
 
 help:
 	@echo "make run    run the whole pipeline (ARGS='--epochs 1 ...' passes options; see 'pipeline run --help')"
+	@echo "            and record it in a local Prefect server kept running (UI: http://127.0.0.1:4200)"
+	@echo "make stop-server  stop that Prefect server"
 	@echo "make test   lint and run the test suite"
 	@echo "make bench  run the benchmarks under bench/"
 
@@ -33,8 +35,13 @@ ensure-data: sync
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist; \
 	fi
 
+# --local-server: the run is recorded in a Prefect server that stays up between runs (started
+# on the first run; `make stop-server` ends it). With PREFECT_API_URL set, that server is used.
 run: ensure-data
-	$(RUN) pipeline run $(ARGS)
+	$(RUN) pipeline run --local-server $(ARGS)
+
+stop-server: sync
+	$(RUN) pipeline server stop
 
 lint: sync
 	$(RUN) ruff check .

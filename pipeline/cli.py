@@ -24,6 +24,7 @@ from pydantic import ValidationError
 from pipeline import commands
 from pipeline.base.config import SWEEPABLE, PipelineConfig
 from pipeline.base.errors import PipelineError
+from pipeline.prefect_server import DEFAULT_PORT
 
 # Prefect's temporary server (used when no PREFECT_API_URL is set) would otherwise send usage
 # telemetry at start; its heartbeat also races the fresh SQLite database ("database is locked").
@@ -72,6 +73,8 @@ EPILOG = """\
 examples:
   pipeline run                                  the whole pipeline with the seed's settings
   pipeline run --epochs 1 --num-proc 2          two Horovod processes on this machine
+  pipeline run --local-server                   record the run in a Prefect server that stays up
+  pipeline server stop                          stop that server
   pipeline run --artifact-store s3://models/fashion --s3-endpoint-url http://127.0.0.1:8333
   pipeline dataset --offline                    check the dataset cache without any download
   pipeline artifacts list                       complete runs, newest first
@@ -181,6 +184,31 @@ def _artifacts_actions(sub: argparse.ArgumentParser) -> None:
         _add_config_flags(action, STORE_FIELDS)  # options after the action, too
 
 
+def _prefect_port_option(sub: argparse.ArgumentParser) -> None:
+    sub.add_argument(
+        "--prefect-port",
+        type=int,
+        default=int(os.environ.get("PIPELINE_PREFECT_PORT", DEFAULT_PORT)),
+        help=f"local Prefect server port (default {DEFAULT_PORT}; env PIPELINE_PREFECT_PORT)",
+    )
+
+
+def _run_options(sub: argparse.ArgumentParser) -> None:
+    sub.add_argument(
+        "--local-server",
+        action="store_true",
+        help="report to a local Prefect server kept running in the background (started when "
+        "none answers; `pipeline server stop` ends it) instead of a temporary one per run; "
+        "ignored when PREFECT_API_URL is set",
+    )
+    _prefect_port_option(sub)
+
+
+def _server_options(sub: argparse.ArgumentParser) -> None:
+    sub.add_argument("action", choices=["start", "stop", "status"])
+    _prefect_port_option(sub)
+
+
 def _serve_options(sub: argparse.ArgumentParser) -> None:
     sub.add_argument("--cron", default="0 2 * * *", help="cron schedule, UTC (default: 02:00)")
     sub.add_argument("--name", default="nightly", help="deployment name")
@@ -197,7 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     subcommands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     table = [
-        ("run", commands.cmd_run, RUN_FIELDS, None),
+        ("run", commands.cmd_run, RUN_FIELDS, _run_options),
         ("step", commands.cmd_step, RUN_FIELDS, _step_options),
         ("sweep", commands.cmd_sweep, RUN_FIELDS, _sweep_options),
         ("dataset", commands.cmd_dataset, DATA_FIELDS, None),
@@ -205,12 +233,14 @@ def build_parser() -> argparse.ArgumentParser:
         ("predict", commands.cmd_predict, ("s3_endpoint_url",), _predict_options),
         ("artifacts", commands.cmd_artifacts, STORE_FIELDS, _artifacts_actions),
         ("serve", commands.cmd_serve, RUN_FIELDS, _serve_options),
+        ("server", commands.cmd_server, (), _server_options),
     ]
     for name, handler, fields, add_options in table:
         help_text = " ".join(handler.__doc__.split())
         sub = subcommands.add_parser(name, help=help_text, description=help_text)
         sub.set_defaults(handler=handler)
-        _add_config_flags(sub, fields)
+        if fields:
+            _add_config_flags(sub, fields)
         if add_options is not None:
             add_options(sub)
     return parser

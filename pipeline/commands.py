@@ -25,11 +25,15 @@ def config_from(args: argparse.Namespace) -> PipelineConfig:
 
 def cmd_run(args: argparse.Namespace) -> int:
     """run the whole pipeline (dataset -> train -> evaluate -> publish) as a Prefect flow"""
-    from pipeline.flow import preflight, training_pipeline
+    from pipeline.prefect_server import use_api
+    from pipeline.preflight import preflight
 
     config = config_from(args)
-    preflight(config)  # bad input fails here, as one line, before Prefect starts a flow run
-    summary = training_pipeline(config=config)
+    preflight(config)  # bad input fails here, as one line, before Prefect is even imported
+    use_api(args.local_server, args.prefect_port)  # before Prefect reads PREFECT_API_URL
+    from pipeline.flow import run_pipeline
+
+    summary = run_pipeline(config)
     if summary is None:
         print(f"host {config.worker_index}: contributed its Horovod ranks; host 0 publishes")
         return 0
@@ -45,6 +49,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     )
     print(f"  published       {summary.published_uri}")
     print(f"  step times      {steps}")
+    if summary.flow_run_url:
+        print(f"  prefect ui      {summary.flow_run_url}")
     return 0
 
 
@@ -188,4 +194,28 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # Only the options given travel as the deployment's parameters; the rest keep their defaults.
     config = config_from(args).model_dump(mode="json", exclude_unset=True)
     training_pipeline.serve(name=args.name, cron=args.cron, parameters={"config": config})
+    return 0
+
+
+def cmd_server(args: argparse.Namespace) -> int:
+    """start, stop or show the local Prefect server that `pipeline run --local-server` (and
+    `make run`) reuses: on 127.0.0.1, in the background, its state in PREFECT_HOME"""
+    from pipeline import prefect_server
+
+    if args.action == "start":
+        server = prefect_server.start_server(args.prefect_port)
+        print(f"Prefect server at {server.ui_url} (API {server.api_url})")
+    elif args.action == "stop":
+        server = prefect_server.stop_server()
+        print(
+            "no local Prefect server was running"
+            if server is None
+            else f"stopped the Prefect server on port {server.port} (pid {server.pid})"
+        )
+    else:
+        server = prefect_server.running_server()
+        if server is None:
+            print("no local Prefect server is running")
+            return EXIT_FAILED
+        print(f"Prefect server at {server.ui_url} (pid {server.pid})")
     return 0

@@ -9,16 +9,19 @@ Horovod only when it trains or evaluates itself.
 
 from __future__ import annotations
 
-import functools
+import importlib
+import threading
 import time
 import uuid
 from datetime import UTC, datetime
 from typing import Any, Literal
 
+import prefect.runtime
 from prefect import Task, flow, task
 from prefect.client.schemas.objects import TaskRun
 from prefect.context import TaskRunContext
 from prefect.deployments import run_deployment
+from prefect.settings import get_current_settings
 from prefect.states import State
 from prefect.task_engine import TaskRunTimeoutError
 from pydantic import BaseModel
@@ -27,12 +30,15 @@ from pipeline.base import layout
 from pipeline.base.config import PipelineConfig
 from pipeline.base.errors import PermanentError, PipelineError
 from pipeline.base.store import ConflictError, IntegrityError, open_store
+from pipeline.prefect_server import PrefectApiError
+from pipeline.preflight import preflight
 from tasks.evaluate.gate import QualityGateFailed, check_gate
 from tasks.publish.failure import failures_reported
 
 __all__ = ["QualityGateFailed", "RunSummary", "StepFailed", "pipeline_step", "training_pipeline"]
 
 StepName = Literal["dataset", "train", "evaluate", "publish"]
+EVALUATE_MODULE = "tasks.evaluate.step"
 
 
 class StepFailed(PipelineError):
@@ -49,6 +55,7 @@ class RunSummary(BaseModel):
     gate_passed: bool
     published_uri: str
     step_seconds: dict[str, float]
+    flow_run_url: str | None = None
 
 
 def new_run_id() -> str:
@@ -58,20 +65,6 @@ def new_run_id() -> str:
 
 def with_run_id(config: PipelineConfig) -> PipelineConfig:
     return config.model_copy(update={"run_id": config.run_id or new_run_id()})
-
-
-def preflight(config: PipelineConfig) -> None:
-    """Fail on what would fail late: before the dataset and an hour of training, not at publish.
-
-    The CLI calls it before Prefect starts a flow run (a bad store is then one error line), the
-    flow calls it for deployment runs; a store checked once in a process is not checked again.
-    """
-    _ensure_writable(config.artifact_store, **config.store_options())
-
-
-@functools.cache
-def _ensure_writable(uri: str, **options: object) -> None:
-    open_store(uri, **options).ensure_writable()
 
 
 # --- the steps as Prefect tasks -------------------------------------------------------------
@@ -113,15 +106,15 @@ def dataset_step(config: PipelineConfig) -> str:
 # No retries: a retry would train from scratch; `--resume` continues from the checkpoint.
 @task(name="train")
 def train_step(config: PipelineConfig, data_uri: str) -> str:
+    from pipeline.progress import TrainingProgress
     from tasks.train.step import train
 
-    return train(config, data_uri)
+    return train(config, data_uri, on_output=TrainingProgress(config.epochs, config.run_id))
 
 
 @task(name="evaluate")
 def evaluate_step(config: PipelineConfig, data_uri: str, run_dir_uri: str) -> str:
-    from tasks.evaluate.step import evaluate
-
+    evaluate = importlib.import_module(EVALUATE_MODULE).evaluate
     return evaluate(config, data_uri, run_dir_uri)
 
 
@@ -235,8 +228,16 @@ def _summary(config: PipelineConfig, seconds: dict[str, float]) -> tuple[RunSumm
         .child(layout.run_key(config.run_id))
         .uri,
         step_seconds=seconds,
+        flow_run_url=_flow_run_url(),
     )
     return summary, metrics
+
+
+def _flow_run_url() -> str | None:
+    # Only a server that outlives the run can show it later; a temporary one is gone by then.
+    if get_current_settings().api.url is None:
+        return None
+    return prefect.runtime.flow_run.ui_url
 
 
 @flow(name="training_pipeline")
@@ -248,6 +249,12 @@ def training_pipeline(config: PipelineConfig | None = None) -> RunSummary | None
     # A failure (or a missed gate) leaves failure.json in the store and calls notify_url.
     with failures_reported(config, step):
         data_uri = step("dataset")
+        if config.step_runner == "inline" and config.is_coordinator():
+            # This process only waits while its ranks train: load evaluate's MXNet and
+            # matplotlib (~3 s) meanwhile instead of after.
+            threading.Thread(
+                target=importlib.import_module, args=(EVALUATE_MODULE,), daemon=True
+            ).start()
         run_dir_uri = step("train", data_uri)
         if not config.is_coordinator():
             return None  # this host only contributed its Horovod ranks; host 0 goes on
@@ -261,3 +268,20 @@ def training_pipeline(config: PipelineConfig | None = None) -> RunSummary | None
             "was not promoted to latest",
         )
     return summary
+
+
+def run_pipeline(config: PipelineConfig) -> RunSummary | None:
+    """The pipeline as `pipeline run` starts it: where Prefect's temporary server cannot start,
+    one error line that says what to do instead of a traceback."""
+    try:
+        return training_pipeline(config=config)
+    except RuntimeError as exc:
+        # Prefect raises a bare RuntimeError for this; its text is the only way to tell.
+        if "ephemeral Prefect API server" not in str(exc):
+            raise
+        first_line = str(exc).splitlines()[0][:300]
+        raise PrefectApiError(
+            f"Prefect's temporary API server did not start ({first_line}); use "
+            "`pipeline run --local-server` (a server that stays up), set PREFECT_API_URL, or "
+            "raise PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"
+        ) from None

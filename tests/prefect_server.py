@@ -1,8 +1,10 @@
 """pytest plugin (loaded with -p in pyproject.toml): a real Prefect server for the tests.
 
 `prefect_env` starts `prefect server start` on 127.0.0.1 at a free port with SQLite in a temp
-dir and yields the environment that points at it; `prefect` and `api` talk to it through the
-CLI and the REST API; `background` runs a long-lived process that is always stopped.
+dir, once a session (a start costs 10-30 s), and yields the environment that points at it;
+`prefect_api` points this process's flows at it (instead of a temporary server per module);
+`prefect` and `api` talk to it through the CLI and the REST API; `background` runs a
+long-lived process that is always stopped.
 """
 
 from __future__ import annotations
@@ -57,7 +59,7 @@ def wait_for(condition, timeout: float, what: str, interval: float = 1.0):
     pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def prefect_env(tmp_path_factory) -> Iterator[dict[str, str]]:
     """A real Prefect server on 127.0.0.1 and the environment that points at it."""
     home = tmp_path_factory.mktemp("prefect-server")
@@ -88,6 +90,15 @@ def prefect_env(tmp_path_factory) -> Iterator[dict[str, str]]:
 
         wait_for(healthy, SERVER_START_S, "the Prefect server to answer /api/health")
         yield env
+
+
+@pytest.fixture(scope="session")
+def prefect_api(prefect_env: dict[str, str]) -> Iterator[str]:
+    """Flows called in this process report to the session's server."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings({PREFECT_API_URL: prefect_env["PREFECT_API_URL"]}):
+        yield prefect_env["PREFECT_API_URL"]
 
 
 def prefect(env: dict[str, str], *args: str, timeout: float = 120) -> str:

@@ -9,18 +9,11 @@ import sys
 from pathlib import Path
 
 import pytest
-from prefect.testing.utilities import prefect_test_harness
 
 from pipeline.base.config import PipelineConfig
 from pipeline.flow import QualityGateFailed, training_pipeline
 
 DEBIAN_MIRROR = "file:///usr/share/datasets/fashion-mnist/"
-
-
-@pytest.fixture(scope="module")
-def prefect_api():
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
 
 
 @pytest.fixture(scope="module")

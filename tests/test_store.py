@@ -88,6 +88,31 @@ def test_s3_objects_carry_server_checked_and_whole_file_sha256(s3_env, s3_store_
     assert store.rehash("big.bin") == ObjectInfo(big.stat().st_size, digest)
 
 
+@pytest.mark.s3
+def test_s3_objects_carry_their_content_types(s3_env, s3_store_uri, tmp_path):
+    # So that an S3 console or a browser shows a report or a picture instead of downloading it.
+    config = PipelineConfig(artifact_store=s3_store_uri, s3_endpoint_url=s3_env.endpoint)
+    store = open_store(config.artifact_store, **config.store_options())
+    expected = {
+        "report/report.md": "text/markdown; charset=utf-8",
+        "report/confusion_matrix.png": "image/png",
+        "metrics/eval.json": "application/json",
+        "model/model.params": "application/octet-stream",
+    }
+    files = {}
+    for key in expected:
+        path = tmp_path / key.replace("/", "_")
+        path.write_bytes(key.encode())
+        files[key] = (path, hashlib.sha256(key.encode()).hexdigest())
+    store.upload(files)
+    store.put("latest.json", b"{}")
+    expected["latest.json"] = "application/json"
+    client = s3_env.client()
+    for key, content_type in expected.items():
+        head = client.head_object(Bucket=store.bucket, Key=f"{store.prefix}/{key}")
+        assert head["ContentType"] == content_type, key
+
+
 def test_file_store_writes_are_atomic_for_readers(tmp_path: Path) -> None:
     store = FileStore(tmp_path / "store")
     versions = [bytes([ord("a") + i]) * 2_000_000 for i in range(8)]

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from pipeline.base.errors import PipelineError
+
+# The start of `format_epoch`'s line: what progress displays read back.
+_EPOCH_LINE_RE = re.compile(r"^epoch (\d+)/(\d+):")
 
 
 class TrainingError(PipelineError, RuntimeError):
@@ -62,3 +66,9 @@ def format_epoch(record: dict[str, Any], epochs: int) -> str:
         f"train acc {record['train_accuracy']:.4f}, test acc {record['test_accuracy']:.4f}"
         f"{val}, {record['seconds']:.2f} s"
     )
+
+
+def parse_epoch_line(line: str) -> tuple[int, int] | None:
+    """(epoch, epochs) of an epoch line from `format_epoch`; None for any other line."""
+    match = _EPOCH_LINE_RE.match(line)
+    return None if match is None else (int(match.group(1)), int(match.group(2)))
