@@ -156,8 +156,12 @@ class PipelineConfig(BaseSettings):
         "s3_max_attempts this bounds every S3 call (a hung endpoint costs at most their product "
         "plus backoff)",
     )
-    s3_max_attempts: int = Field(
-        default=3, ge=1, le=10, description="attempts per S3 request (connection errors, 5xx)"
+    s3_max_attempts: int | None = Field(
+        default=None,
+        ge=1,
+        le=10,
+        description="attempts per S3 request (connection errors, timeouts, 5xx); default: "
+        "boto3's own (AWS_MAX_ATTEMPTS, the profile's max_attempts, else 3)",
     )
     # exclude: a webhook URL is a credential; it never goes into config.json, a manifest, a
     # failure record or a rank's environment.
@@ -245,8 +249,8 @@ class PipelineConfig(BaseSettings):
             "timeouts": self.s3_timeouts(),
         }
 
-    def s3_timeouts(self) -> tuple[float, float, int]:
-        """(connect timeout, read timeout, attempts) of every S3 request."""
+    def s3_timeouts(self) -> tuple[float, float, int | None]:
+        """(connect timeout, read timeout, attempts or None for boto3's) of every S3 request."""
         return (self.s3_connect_timeout, self.s3_read_timeout, self.s3_max_attempts)
 
     def step_timeout(self, step: str) -> float:

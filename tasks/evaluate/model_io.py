@@ -44,7 +44,7 @@ def to_model_input(images: np.ndarray) -> np.ndarray:
 def local_run_dir(
     model_uri: str,
     endpoint_url: str | None = None,
-    timeouts: tuple[float, float, int] | None = None,
+    timeouts: tuple[float, float, int | None] | None = None,
 ) -> Iterator[Path]:
     """The run directory as a local directory, verified before anything is loaded from it.
 

@@ -40,7 +40,7 @@ from pipeline.base.store.base import (
 )
 
 # (connect s, read s, attempts): PipelineConfig's defaults, for stores opened without a config.
-DEFAULT_TIMEOUTS = (5.0, 30.0, 3)
+DEFAULT_TIMEOUTS: tuple[float, float, int | None] = (5.0, 30.0, None)
 _HASH_CHUNK = 1 << 20
 
 
@@ -101,10 +101,10 @@ class S3Store(ArtifactStore):
         endpoint_url: str | None = None,
         create_bucket: bool = False,
         transfer: TransferConfig | None = None,
-        timeouts: tuple[float, float, int] | None = None,
+        timeouts: tuple[float, float, int | None] | None = None,
     ) -> S3Store:
-        """`timeouts`: (connect s, read s, attempts); botocore's own (60 s reads) would let a
-        hung endpoint hold every call for minutes."""
+        """`timeouts`: (connect s, read s, attempts; None: boto3's own, AWS_MAX_ATTEMPTS or 3);
+        botocore's own 60 s reads would let a hung endpoint hold every call for minutes."""
         transfer = transfer or TransferConfig()
         connect_timeout, read_timeout, attempts = timeouts or DEFAULT_TIMEOUTS
         session = boto3.Session()  # AWS_PROFILE, AWS_* variables, ~/.aws/config + credentials
@@ -112,7 +112,9 @@ class S3Store(ArtifactStore):
         botocore_config = Config(
             # "standard" retries connection errors, timeouts, throttling and 5xx with backoff;
             # the attempts and timeouts are the pipeline's (s3_* settings), one place for all.
-            retries={"mode": "standard", "total_max_attempts": attempts},
+            retries={"mode": "standard"}
+            if attempts is None
+            else {"mode": "standard", "total_max_attempts": attempts},
             connect_timeout=connect_timeout,
             read_timeout=read_timeout,
             max_pool_connections=max(10, transfer.max_concurrency),
