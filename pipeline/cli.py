@@ -42,15 +42,26 @@ TRAIN_FIELDS = (
     "epochs", "batch_size", "lr", "init_sigma", "seed", "validation_fraction", "num_proc",
     "hosts", "hostfile", "worker_index", "rendezvous_port", "resume", "max_restarts",
 )  # fmt: skip
-STORE_FIELDS = ("artifact_store", "s3_endpoint_url", "create_bucket")
+STORE_FIELDS = (
+    "artifact_store", "s3_endpoint_url", "create_bucket",
+    "s3_connect_timeout", "s3_read_timeout", "s3_max_attempts",
+)  # fmt: skip
+STEP_TIMEOUT_FIELDS = (
+    "dataset_timeout", "train_timeout", "evaluate_timeout", "publish_timeout",
+    "step_start_timeout", "notify_url",
+)  # fmt: skip
 RUN_FIELDS = (
     DATA_FIELDS
     + TRAIN_FIELDS
     + ("work_dir",)
     + STORE_FIELDS
     + ("min_test_accuracy", "step_runner", "step_deployment", "run_id")
+    + STEP_TIMEOUT_FIELDS
 )
-EVALUATE_FIELDS = DATA_FIELDS + ("work_dir", "s3_endpoint_url", "min_test_accuracy")
+EVALUATE_FIELDS = DATA_FIELDS + (
+    "work_dir", "s3_endpoint_url", "min_test_accuracy",
+    "s3_connect_timeout", "s3_read_timeout", "s3_max_attempts",
+)  # fmt: skip
 
 DESCRIPTION = """\
 Train the Fashion-MNIST softmax-regression classifier (MXNet Gluon + Horovod), evaluate it

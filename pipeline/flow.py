@@ -23,15 +23,17 @@ from prefect.context import TaskRunContext
 from prefect.deployments import run_deployment
 from prefect.settings import get_current_settings
 from prefect.states import State
+from prefect.task_engine import TaskRunTimeoutError
 from pydantic import BaseModel
 
 from pipeline.base import layout
 from pipeline.base.config import PipelineConfig
-from pipeline.base.errors import PipelineError
+from pipeline.base.errors import PermanentError, PipelineError
 from pipeline.base.store import ConflictError, IntegrityError, open_store
 from pipeline.prefect_server import PrefectApiError
 from pipeline.preflight import preflight
 from tasks.evaluate.gate import QualityGateFailed, check_gate
+from tasks.publish.failure import failures_reported
 
 __all__ = ["QualityGateFailed", "RunSummary", "StepFailed", "pipeline_step", "training_pipeline"]
 
@@ -77,17 +79,24 @@ def _dataset_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> s
 
 
 def _worth_retrying(task: Task, task_run: TaskRun, state: State) -> bool:
-    # A lost compare-and-swap or a run id reused with other content will not change on retry.
+    # A lost compare-and-swap, a run id reused with other content or a full disk will not
+    # change on retry.
     try:
         state.result()
-    except (ConflictError, IntegrityError):
+    except (ConflictError, IntegrityError, PermanentError):
         return False
     except Exception:
         return True
     return False
 
 
-@task(name="dataset", retries=2, retry_delay_seconds=5, cache_key_fn=_dataset_cache_key)
+@task(
+    name="dataset",
+    retries=2,
+    retry_delay_seconds=5,
+    retry_condition_fn=_worth_retrying,
+    cache_key_fn=_dataset_cache_key,
+)
 def dataset_step(config: PipelineConfig) -> str:
     from tasks.dataset import prepare_dataset
 
@@ -122,16 +131,17 @@ def step_call(
     data_uri: str | None = None,
     run_dir_uri: str | None = None,
 ) -> tuple[Task, tuple]:
-    """The task of `step` and its arguments; URIs not given are derived from the config."""
+    """The task of `step` (with its configured timeout) and its arguments; URIs not given are
+    derived from the config."""
     data_uri = data_uri or config.data_uri()
-    if step == "dataset":
-        return dataset_step, (config,)
-    run_dir_uri = run_dir_uri or config.run_dir_uri()
-    return {
+    run_dir_uri = (run_dir_uri or config.run_dir_uri()) if step != "dataset" else None
+    step_task, args = {
+        "dataset": (dataset_step, (config,)),
         "train": (train_step, (config, data_uri)),
         "evaluate": (evaluate_step, (config, data_uri, run_dir_uri)),
         "publish": (publish_step, (config, data_uri, run_dir_uri)),
     }[step]
+    return step_task.with_options(timeout_seconds=config.step_timeout(step)), args
 
 
 @flow(name="pipeline-step")
@@ -160,16 +170,23 @@ class StepRunner:
     def __init__(self, config: PipelineConfig) -> None:
         self.config = config
         self.seconds: dict[str, float] = {}
+        self.current: StepName | None = None  # the step running, or the last one run
 
     def __call__(
         self, step: StepName, data_uri: str | None = None, run_dir_uri: str | None = None
     ) -> str | None:
         start = time.perf_counter()
+        self.current = step
         try:
             if self.config.step_runner == "deployments":
                 return self._as_flow_run(step)
             step_task, args = step_call(step, self.config, data_uri, run_dir_uri)
             return step_task(*args)
+        except TaskRunTimeoutError as exc:  # the step's own deadline (`<step>_timeout`)
+            raise StepFailed(
+                f"step {step} did not finish within its {step}_timeout of "
+                f"{self.config.step_timeout(step):.0f} s and was stopped"
+            ) from exc
         finally:
             self.seconds[step] = round(time.perf_counter() - start, 2)
 
@@ -177,11 +194,18 @@ class StepRunner:
         # Only what was set (flags, PIPELINE_* variables, parameters) travels: defaults, and so
         # the paths of the step's own container, stay the worker's.
         overrides = self.config.model_dump(mode="json", exclude_unset=True)
+        # Bounded: a flow run that never starts (no worker) or never ends fails this step.
+        deadline = self.config.step_start_timeout + self.config.step_timeout(step)
         flow_run = run_deployment(
             self.config.step_deployment,
             parameters={"step": step, "config": overrides},
-            timeout=None,
+            timeout=deadline,
         )
+        if flow_run.state and not flow_run.state.is_final():
+            raise StepFailed(
+                f"step {step} (flow run {flow_run.name}) did not finish within {deadline:.0f} s "
+                f"(state {flow_run.state.name}); see step_start_timeout and {step}_timeout"
+            )
         if not flow_run.state or not flow_run.state.is_completed():
             message = flow_run.state.message if flow_run.state else "no state"
             raise StepFailed(f"step {step} (flow run {flow_run.name}) did not complete: {message}")
@@ -222,26 +246,27 @@ def training_pipeline(config: PipelineConfig | None = None) -> RunSummary | None
     config = with_run_id(config or PipelineConfig())
     preflight(config)
     step = StepRunner(config)
+    # A failure (or a missed gate) leaves failure.json in the store and calls notify_url.
+    with failures_reported(config, step):
+        data_uri = step("dataset")
+        if config.step_runner == "inline" and config.is_coordinator():
+            # This process only waits while its ranks train: load evaluate's MXNet and
+            # matplotlib (~3 s) meanwhile instead of after.
+            threading.Thread(
+                target=importlib.import_module, args=(EVALUATE_MODULE,), daemon=True
+            ).start()
+        run_dir_uri = step("train", data_uri)
+        if not config.is_coordinator():
+            return None  # this host only contributed its Horovod ranks; host 0 goes on
+        step("evaluate", data_uri, run_dir_uri)
+        step("publish", data_uri, run_dir_uri)
 
-    data_uri = step("dataset")
-    if config.step_runner == "inline" and config.is_coordinator():
-        # This process only waits while its ranks train: load evaluate's MXNet and matplotlib
-        # (~3 s) meanwhile instead of after.
-        threading.Thread(
-            target=importlib.import_module, args=(EVALUATE_MODULE,), daemon=True
-        ).start()
-    run_dir_uri = step("train", data_uri)
-    if not config.is_coordinator():
-        return None  # this host only contributed its Horovod ranks; host 0 goes on
-    step("evaluate", data_uri, run_dir_uri)
-    step("publish", data_uri, run_dir_uri)
-
-    summary, metrics = _summary(config, step.seconds)
-    check_gate(
-        metrics,
-        f"; run {summary.run_id} is stored at {summary.published_uri} for inspection but "
-        "was not promoted to latest",
-    )
+        summary, metrics = _summary(config, step.seconds)
+        check_gate(
+            metrics,
+            f"; run {summary.run_id} is stored at {summary.published_uri} for inspection but "
+            "was not promoted to latest",
+        )
     return summary
 
 

@@ -156,7 +156,12 @@ def hyperparameter_sweep(
         futures = [
             run_trial.submit(
                 PipelineConfig.model_validate(
-                    {**base.model_dump(), **point, "run_id": f"{sweep_id}-{start + i:02d}"}
+                    {
+                        **base.model_dump(),
+                        "notify_url": base.notify_url,  # excluded from dumps (a credential)
+                        **point,
+                        "run_id": f"{sweep_id}-{start + i:02d}",
+                    }
                 ),
                 data_uri,
             )

@@ -20,6 +20,7 @@ import textwrap
 import threading
 import time
 from collections import Counter
+from collections.abc import Iterator
 from functools import cache
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -41,6 +42,7 @@ from tasks.dataset import (
     read_record,
 )
 from tasks.dataset import download as dataset_download
+from tasks.dataset.download import CacheWriteError
 
 ROOT = Path(__file__).resolve().parents[1]
 DEBIAN_MIRROR = dataset.DEBIAN_DATA_DIR.as_uri() + "/"
@@ -579,3 +581,49 @@ def test_progress_bar_with_bytes_and_rate_on_a_terminal(server, warm_cache, tmp_
         os.close(master)
     # The last redraw: all bytes of the file received, and the rate.
     assert re.search(r"train-labels-idx1-ubyte\.gz  ([0-9.]+ kB) / \1  [0-9.]+ [kMG]?B/s", shown)
+
+
+# --- a full disk (issue 15, item 11) ----------------------------------------------------------
+
+
+@pytest.fixture
+def tiny_disk(tmp_path: Path) -> Iterator[Path]:
+    """A real 1 MiB tmpfs: the first dataset file (its 60,008 B fit, 26 MB do not) fills it."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root (CI runs as root)")
+    mount = tmp_path / "tiny"
+    mount.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], check=True)
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "--lazy", str(mount)], check=False, timeout=30)
+
+
+@pytest.mark.timeout(180)
+def test_a_full_disk_is_one_attempt_not_retried(server: MirrorServer, tiny_disk: Path) -> None:
+    """ENOSPC is the cache's fault, not the mirror's: no retry, no next mirror, no Prefect retry."""
+    from prefect import flow
+    from prefect.testing.utilities import prefect_test_harness
+
+    from pipeline.flow import dataset_step
+
+    config = PipelineConfig(
+        mirrors=[server.url("first"), server.url("second")],
+        data_dir=tiny_disk / "cache",
+        download_retries=3,
+    )
+
+    @flow(retries=0)
+    def dataset_only() -> str:
+        return dataset_step(config)
+
+    with prefect_test_harness(server_startup_timeout=120), pytest.raises(CacheWriteError) as info:
+        dataset_only()
+    message = str(info.value)
+    assert "No space left on device" in message and str(tiny_disk / "cache") in message
+    assert server.requests and all(count == 1 for count in server.requests.values()), (
+        server.requests
+    )
+    assert not any(mode == "second" for mode, _ in server.requests), server.requests
+    assert not [p for p in (tiny_disk / "cache").rglob("*.part")]  # nothing half-written left

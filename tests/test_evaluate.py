@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import base64
 import gzip
+import hashlib
 import io
 import json
 import math
 import shutil
 import struct
 import time
+import zlib
 from pathlib import Path
 from typing import NamedTuple
 
@@ -30,6 +32,7 @@ from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
 from pipeline.base.config import PipelineConfig
 from pipeline.base.errors import PipelineError
+from pipeline.base.layout import MODEL_PARAMS
 from tasks.dataset import CLASS_NAMES, FashionMNIST, load_dataset, prepare_dataset
 from tasks.evaluate.gate import QualityGateFailed, check_gate, quality_gate, read_metrics
 from tasks.evaluate.metrics import (
@@ -45,6 +48,7 @@ from tasks.evaluate.model_io import ModelFormatError, ModelNotFoundError
 from tasks.evaluate.predict import TOP_K, InputError, format_predictions, predict, read_input_images
 from tasks.evaluate.report import CONFUSION_MATRIX, PICTURES, TRAINING_CURVES
 from tasks.evaluate.step import evaluate, evaluate_model
+from tests.support.documents import manifest_bytes
 
 # The Debian copy of the real data set, used as the only mirror of a per-module cache.
 DEBIAN_MIRROR = "file:///usr/share/datasets/fashion-mnist/"
@@ -423,14 +427,30 @@ def test_evaluate_and_predict_a_run_stored_in_s3(
     # The fixture run, uploaded as the train step leaves it (model/ and metrics/), no manifest.
     bucket, prefix = s3_store_uri.removeprefix("s3://").split("/", 1)
     client = s3_env.client()
+    objects = {}
     for path in sorted(trained_run.run_dir.glob("*/*")):
         relative = path.relative_to(trained_run.run_dir).as_posix()
         if relative.startswith(("model/", "metrics/")):
             client.upload_file(str(path), bucket, f"{prefix}/runs/fixture-run/{relative}")
+            content = path.read_bytes()
+            objects[relative] = {
+                "size": len(content),
+                "sha256": hashlib.sha256(content).hexdigest(),
+            }
     run_uri = f"{s3_store_uri}/runs/fixture-run"
     config = PipelineConfig(
         s3_endpoint_url=s3_env.endpoint, min_test_accuracy=PASSING_THRESHOLD, work_dir=tmp_path
     )
+    # Without a manifest it is an unfinished publish: readers refuse it (issue 15, item 9).
+    for read in (
+        lambda: evaluate_model(run_uri, data_uri, tmp_path / "report", config),
+        lambda: predict(run_uri, [image_png], config),
+    ):
+        with pytest.raises(PipelineError) as info:
+            read()
+        assert "has no manifest.json" in _one_line(info)
+    manifest_key = f"{prefix}/runs/fixture-run/manifest.json"
+    client.put_object(Bucket=bucket, Key=manifest_key, Body=manifest_bytes("fixture-run", objects))
 
     metrics = evaluate_model(run_uri, data_uri, tmp_path / "report", config)
     [prediction] = predict(run_uri, [image_png], config)
@@ -441,6 +461,13 @@ def test_evaluate_and_predict_a_run_stored_in_s3(
     assert (tmp_path / "report" / TRAINING_CURVES.file_name).is_file()
     assert run_uri in (tmp_path / "report" / "report.md").read_text()
     assert prediction.label == CLASS_NAMES[independent[0]]
+
+    # A published run whose params were swapped is refused before MXNet reads a byte of it.
+    params_key = f"{prefix}/runs/fixture-run/{MODEL_PARAMS}"
+    client.put_object(Bucket=bucket, Key=params_key, Body=b"\0" * objects[MODEL_PARAMS]["size"])
+    with pytest.raises(PipelineError) as info:
+        predict(run_uri, [image_png], config)
+    assert f"{MODEL_PARAMS}: stored bytes" in _one_line(info)
 
     missing = f"{s3_store_uri}/runs/no-such-run"
     with pytest.raises(PipelineError) as info:
@@ -621,3 +648,73 @@ def test_prefect_artifacts_only_inside_a_flow_run(
     assert table.type == "table"
     rows = json.loads(table.data)
     assert rows == metrics["per_class"]
+
+
+# --- untrusted inputs and unverified runs (issue 15, items 7 and 9) ---------------------------
+
+
+def _png_header_only(width: int, height: int) -> bytes:
+    """A PNG whose header declares width x height pixels, with no pixel data at all."""
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return (
+            struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+        )
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)  # 8-bit grayscale
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IEND", b"")
+
+
+def test_predict_refuses_decompression_bombs(
+    trained_run: TrainedRun, tmp_path: Path, config: PipelineConfig
+) -> None:
+    huge = tmp_path / "huge.png"  # 400 M pixels: PIL raises DecompressionBombError
+    huge.write_bytes(_png_header_only(20_000, 20_000))
+    large = tmp_path / "large.png"  # 144 M pixels: PIL only warns, then decodes
+    large.write_bytes(_png_header_only(12_000, 12_000))
+    idx_bomb = tmp_path / "bomb-idx3-ubyte.gz"  # 80 KB that inflate to 80 MB
+    side = 28 * 28
+    count = 80 * 2**20 // side
+    idx_bomb.write_bytes(
+        gzip.compress(struct.pack(">BBBBIII", 0, 0, 8, 3, count, 28, 28) + bytes(count * side))
+    )
+    assert idx_bomb.stat().st_size < 1 << 20
+    cases = {huge: "pixels", large: "pixels", idx_bomb: "inflates to more than"}
+    for path, expected in cases.items():
+        with pytest.raises(InputError) as info:
+            predict(str(trained_run.run_dir), [path], config)
+        message = _one_line(info)
+        assert str(path) in message and expected in message
+
+
+def test_published_runs_are_verified_before_loading(
+    trained_run: TrainedRun, image_png: Path, data_uri: str, tmp_path: Path, config: PipelineConfig
+) -> None:
+    """A run in a store's runs/ needs its manifest, and every object must match it."""
+    run_dir = tmp_path / "store" / "runs" / "r1"
+    shutil.copytree(trained_run.run_dir, run_dir)
+    for uri in (str(run_dir), run_dir.as_uri()):
+        with pytest.raises(PipelineError) as info:
+            predict(uri, [image_png], config)
+        assert "has no manifest.json" in _one_line(info)
+        with pytest.raises(PipelineError) as info:
+            evaluate_model(uri, data_uri, tmp_path / "report", config)
+        assert "has no manifest.json" in _one_line(info)
+
+    objects = {}
+    for path in sorted(p for p in run_dir.rglob("*") if p.is_file()):
+        data = path.read_bytes()
+        key = path.relative_to(run_dir).as_posix()
+        objects[key] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    (run_dir / "manifest.json").write_bytes(manifest_bytes("r1", objects))
+    [prediction] = predict(str(run_dir), [image_png], config)  # verified: loads
+
+    params = run_dir / MODEL_PARAMS
+    params.write_bytes(bytes(params.stat().st_size))  # same size, other bytes
+    with pytest.raises(PipelineError) as info:
+        predict(str(run_dir), [image_png], config)
+    assert "does not match its manifest" in _one_line(info) and MODEL_PARAMS in _one_line(info)
+    (run_dir / "manifest.json").write_text('{"objects": {"\\u0000": 1}}')
+    with pytest.raises(PipelineError) as info:
+        predict(str(run_dir), [image_png], config)
+    assert "not a valid Manifest" in _one_line(info)

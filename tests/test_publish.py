@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -33,10 +34,12 @@ from pipeline.base.store import (
     StoreError,
     open_store,
 )
+from pipeline.base.store.documents import Manifest, document_bytes
 from tasks.dataset import CLASS_NAMES, prepare_dataset, read_record
 from tasks.publish.artifacts import list_runs, pull_run, show_run, verify_run
-from tasks.publish.manifest import format_run_line, utc_iso
+from tasks.publish.manifest import format_run_line
 from tasks.publish.step import PublishError, promote_latest, publish, publish_run
+from tests.support.documents import manifest_bytes
 
 DEBIAN_MIRROR = "file:///usr/share/datasets/fashion-mnist/"
 T0 = 1_700_000_000.0  # creation time of the first test run; later runs are newer
@@ -278,6 +281,121 @@ def test_a_run_id_is_never_overwritten_with_other_content(
     assert verify_run(config, "run-a") == []
 
 
+def test_a_publisher_never_mixes_its_bytes_with_another_of_the_same_run_id(
+    store_config: PipelineConfig, record: dict, tmp_path: Path
+) -> None:
+    """Issue 15, item 1: B has stored its objects but not yet its manifest when A publishes."""
+    config = with_run(store_config, "run-twice")
+    a_dir = make_run_dir(config, created=T0)
+    b_config = config.model_copy(update={"work_dir": tmp_path / "host-b"})
+    b_dir = make_run_dir(b_config, created=T0, accuracy=0.9)
+    store = open_store(config.artifact_store, **config.store_options())
+    store.ensure_writable()
+    run_store = store.child("runs/run-twice")
+    b_files = {key: (b_dir / key, sha256_of(b_dir / key)) for key in published_keys(b_dir)}
+    run_store.sync(b_files)  # B, half-way: objects stored, no manifest yet
+    with pytest.raises(ConflictError, match="already holds other bytes"):
+        publish_run(store, a_dir, record, config)
+    assert run_store.stat(MANIFEST) is None and store.stat(LATEST) is None
+    assert {key: run_store.rehash(key).sha256 for key in b_files} == {
+        key: digest for key, (_, digest) in b_files.items()
+    }
+    assert publish_run(store, b_dir, record, b_config).promoted  # B finishes: its own bytes
+    assert verify_run(config, "run-twice") == []
+
+
+@pytest.mark.s3
+def test_racing_publishers_of_one_run_id_in_two_processes(
+    s3_env, s3_store_uri: str, record: dict, tmp_path: Path
+) -> None:
+    """Two real processes publish one run id with different bytes, at the same instant: at most
+    one succeeds (both fail when each created some of the objects first), and latest.json only
+    ever names a run that verifies."""
+    for round_ in range(3):
+        configs = [
+            PipelineConfig(
+                artifact_store=s3_store_uri,
+                s3_endpoint_url=s3_env.endpoint,
+                work_dir=tmp_path / f"host-{host}",
+                run_id=f"race-{round_}",
+            )
+            for host in "ab"
+        ]
+        dirs = [make_run_dir(c, created=T0, accuracy=0.85 + i / 100) for i, c in enumerate(configs)]
+        start_at = time.time() + 3
+        processes = [
+            start_publisher(c, d, record, start_at=start_at)
+            for c, d in zip(configs, dirs, strict=True)
+        ]
+        try:
+            outputs = [p.communicate(timeout=120)[0].decode() for p in processes]
+        finally:
+            for process in processes:
+                if process.poll() is None:
+                    process.kill()
+                    process.wait()
+        codes = [p.returncode for p in processes]
+        for code, output in zip(codes, outputs, strict=True):
+            assert code == 0 or "ConflictError" in output, output
+        assert codes.count(0) <= 1, outputs  # different bytes: never both
+        run_store = open_store(s3_store_uri, **configs[0].store_options()).child(
+            f"runs/race-{round_}"
+        )
+        if 0 in codes:  # the winner's run verifies, and latest.json names it
+            assert verify_run(configs[0], f"race-{round_}") == []
+            assert read_latest(configs[0])["run_id"] == f"race-{round_}"
+            pulled = pull_run(configs[0], f"race-{round_}", tmp_path / f"pulled-{round_}")
+            assert pulled.is_dir()
+        else:  # each won some objects: neither wrote a manifest, latest.json is unchanged
+            assert run_store.stat(MANIFEST) is None
+            latest = open_store(s3_store_uri, **configs[0].store_options()).get(LATEST)
+            assert latest is None or json.loads(latest.data)["run_id"] != f"race-{round_}"
+
+
+def sha256_of(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_damaged_documents_are_reported_never_crash(
+    store_config: PipelineConfig, record: dict, tamper, capsys
+) -> None:
+    """Issue 15, item 8: store documents are validated; a damaged run is listed as damaged."""
+    store = open_store(store_config.artifact_store, **store_config.store_options())
+    store.ensure_writable()
+    store.put(LATEST, b'{"run": "someone else\'s idea of latest"}')  # valid JSON, wrong fields
+    config = with_run(store_config, "run-good")
+    result = publish_run(store, make_run_dir(config, created=T0), record, config)
+    assert result.promoted, result.promotion
+    assert read_latest(store_config)["run_id"] == "run-good"
+
+    good = store.get("runs/run-good/manifest.json").data
+    damaged = {
+        "run-wrong-fields": b'{"run_id": "run-wrong-fields"}',
+        "run-nul-key": good.replace(b'"config.json"', b'"config\\u0000.json"'),
+        "run-dot-key": good.replace(b'"config.json"', b'"."'),
+        "run-dotdot-key": good.replace(b'"config.json"', b'"model/../../x"'),
+        "run-huge-int": good.replace(b'"format": 1', b'"format": ' + b"9" * 5000),
+        "run-huge-size": re.sub(rb'"size": \d+', b'"size": ' + b"9" * 40, good, count=1),
+    }
+    for run_id, data in damaged.items():
+        store.put(f"runs/{run_id}/manifest.json", data)
+    flags = ["--artifact-store", store_config.artifact_store]
+    if store_config.s3_endpoint_url:
+        flags += ["--s3-endpoint-url", store_config.s3_endpoint_url]
+    assert cli.main(["artifacts", *flags, "list"]) == 0
+    out = capsys.readouterr().out
+    assert "run-good  accuracy 0.8400  gate passed" in out and "<- latest" in out
+    for run_id in damaged:
+        assert f"{run_id}  DAMAGED: " in out and "not a valid Manifest" in out
+        assert cli.main(["artifacts", *flags, "verify", run_id]) == 1
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith("error: ") and "not a valid Manifest" in err
+
+    # A latest.json whose manifest digest no longer matches marks no run as latest.
+    tamper(store.child("runs/run-good"), MANIFEST, good.replace(b"0.84", b"0.99"))
+    assert not any(run["latest"] for run in list_runs(store_config))
+
+
 # --- latest.json ----------------------------------------------------------------------------------
 
 
@@ -302,22 +420,32 @@ def test_gate_failure_is_stored_but_not_promoted(
     assert "gate FAILED" in format_run_line(runs[0])
 
 
-def test_latest_only_moves_forward(store_config: PipelineConfig, record: dict) -> None:
+def test_latest_follows_publication_order_not_file_times(
+    store_config: PipelineConfig, record: dict
+) -> None:
+    """A run whose files carry future times (a clock ahead, `cp -p`) does not pin latest.json."""
     store = open_store(store_config.artifact_store, **store_config.store_options())
 
-    def publish_at(run_id: str, created: float) -> bool:
+    def publish_at(run_id: str, created: float):
         config = with_run(store_config, run_id)
         run_dir = make_run_dir(config, created=created)
-        return publish_run(store, run_dir, record, config).promoted
+        return publish_run(store, run_dir, record, config)
 
-    assert publish_at("run-new", T0 + 100)
-    assert not publish_at("run-old", T0)  # a late publish of an older run
-    assert read_latest(store_config)["run_id"] == "run-new"
-    assert publish_at("run-newest", T0 + 200)
+    year = 365 * 24 * 3600
+    assert publish_at("run-from-the-future", time.time() + 10 * year).promoted
+    later = publish_at("run-later", T0)  # published after it, files dated long before
+    assert later.promoted, later.promotion
     latest = read_latest(store_config)
-    assert (
-        latest["run_id"] == "run-newest" and latest["manifest"] == "runs/run-newest/manifest.json"
-    )
+    assert latest["run_id"] == "run-later" and latest["manifest"] == "runs/run-later/manifest.json"
+    manifest = store.get("runs/run-later/manifest.json").data
+    assert latest["manifest_sha256"] == hashlib.sha256(manifest).hexdigest()
+    assert publish_at("run-newest", T0 - 100).promoted
+    assert [r["run_id"] for r in list_runs(store_config)][0] == "run-newest"
+
+    # Publishing an already promoted run again never moves latest.json back; the result says why.
+    again = publish_at("run-later", T0)
+    assert not again.promoted and "run-newest" in again.promotion
+    assert read_latest(store_config)["run_id"] == "run-newest"
 
 
 def test_racing_publishers_both_complete_and_latest_is_the_newer(
@@ -355,24 +483,25 @@ def test_compare_and_swap_keeps_the_newest_under_contention(
     store.ensure_writable()
     writers = 6
     for round_ in range(3):
-        ages = random.sample(range(writers), writers)  # start order unrelated to age
+        orders = random.sample(range(writers), writers)  # start order unrelated to order
         manifests = [
-            {
-                "run_id": f"r{round_}-{age}",
-                "created_at": utc_iso(T0 + 100 * round_ + age),
-                "metrics": {"accuracy": 0.8},
-            }
-            for age in ages
+            Manifest.model_validate(
+                {**json.loads(manifest_bytes(f"r{round_}-{order}", {})), "published_after": order}
+            )
+            for order in orders
         ]
+        for manifest in manifests:
+            manifest.published_after += 100 * round_
         barrier = threading.Barrier(writers)
         results: dict[str, bool | BaseException] = {}
 
         def promote(manifest: dict, barrier=barrier, results=results) -> None:
             barrier.wait(timeout=30)
             try:
-                results[manifest["run_id"]] = promote_latest(store, manifest)
+                digest = hashlib.sha256(document_bytes(manifest)).hexdigest()
+                results[manifest.run_id] = promote_latest(store, manifest, digest).promoted
             except BaseException as exc:  # reported by the main thread
-                results[manifest["run_id"]] = exc
+                results[manifest.run_id] = exc
 
         threads = [threading.Thread(target=promote, args=(m,)) for m in manifests]
         for thread in threads:
@@ -402,6 +531,9 @@ if args.get("max_file_bytes"):
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
     resource.setrlimit(resource.RLIMIT_FSIZE, (args["max_file_bytes"],) * 2)
 config = PipelineConfig.model_validate_json(args["config"])
+if args.get("start_at"):  # racing publishers: start together
+    import time
+    time.sleep(max(0.0, args["start_at"] - time.time()))
 transfer = TransferConfig(**args["transfer"]) if args.get("transfer") else None
 store = open_store(config.artifact_store, **config.store_options(), transfer=transfer)
 publish_run(store, Path(args["run_dir"]), args["record"], config)

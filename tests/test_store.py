@@ -24,6 +24,7 @@ from pipeline.base.store import (
     open_store,
 )
 from pipeline.base.store.s3 import S3Store
+from tests.support.documents import manifest_bytes
 
 
 def test_conditional_writes(store_config: PipelineConfig) -> None:
@@ -313,18 +314,16 @@ def test_materialize(store_config: PipelineConfig, tmp_path: Path) -> None:
         assert local == dest  # no manifest: every object under the run, as stored
     assert {key: (local / key).read_bytes() for key in contents} == contents
 
-    # With a manifest, a download is verified against it.
-    manifest = {
-        "objects": {
-            key: {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
-            for key, data in contents.items()
-        }
+    # With a manifest, a download (or a local run used in place) is verified against it.
+    objects = {
+        key: {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+        for key, data in contents.items()
     }
-    manifest["objects"]["report/report.md"]["sha256"] = "0" * 64
-    run.put(MANIFEST, json.dumps(manifest).encode())
+    objects["report/report.md"]["sha256"] = "0" * 64
+    run.put(MANIFEST, manifest_bytes("r1", objects))
+    with pytest.raises(IntegrityError, match="report/report.md"):
+        materialize(run.uri, tmp_path / "dest2", store_config.s3_endpoint_url)
     if isinstance(run, S3Store):
-        with pytest.raises(IntegrityError, match="report/report.md"):
-            materialize(run.uri, tmp_path / "dest2", store_config.s3_endpoint_url)
         assert not (tmp_path / "dest2" / "report" / "report.md").exists()
         assert [p.name for p in (tmp_path / "dest2" / "report").iterdir()] == []
 

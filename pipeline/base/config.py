@@ -152,6 +152,32 @@ class PipelineConfig(BaseSettings):
     create_bucket: bool = Field(
         default=False, description="create the S3 bucket if it does not exist"
     )
+    s3_connect_timeout: float = Field(
+        default=5.0, gt=0, le=600, description="seconds to open a connection to the S3 endpoint"
+    )
+    s3_read_timeout: float = Field(
+        default=30.0,
+        gt=0,
+        le=3600,
+        description="seconds an S3 request may wait for the endpoint's next bytes; with "
+        "s3_max_attempts this bounds every S3 call (a hung endpoint costs at most their product "
+        "plus backoff)",
+    )
+    s3_max_attempts: int | None = Field(
+        default=None,
+        ge=1,
+        le=10,
+        description="attempts per S3 request (connection errors, timeouts, 5xx); default: "
+        "boto3's own (AWS_MAX_ATTEMPTS, the profile's max_attempts, else 3)",
+    )
+    # exclude: a webhook URL is a credential; it never goes into config.json, a manifest, a
+    # failure record or a rank's environment.
+    notify_url: str | None = Field(
+        default=None,
+        exclude=True,
+        description="Apprise URL (json://, slack://, mailto://, ...) called when a run fails or "
+        "misses the quality gate",
+    )
     min_test_accuracy: float = Field(
         default=0.80,
         ge=0.0,
@@ -164,6 +190,24 @@ class PipelineConfig(BaseSettings):
         description="inline: every step runs in this flow run's process; deployments: each "
         "step runs as its own flow run of --step-deployment (e.g. its own container on a "
         "Prefect docker work pool)",
+    )
+    dataset_timeout: float = Field(
+        default=1800, gt=0, description="seconds the dataset step may take before it is failed"
+    )
+    train_timeout: float = Field(
+        default=24 * 3600, gt=0, description="seconds the train step may take before it is failed"
+    )
+    evaluate_timeout: float = Field(
+        default=3600, gt=0, description="seconds the evaluate step may take before it is failed"
+    )
+    publish_timeout: float = Field(
+        default=3600, gt=0, description="seconds the publish step may take before it is failed"
+    )
+    step_start_timeout: float = Field(
+        default=900,
+        gt=0,
+        description="deployments runner: seconds a step's flow run may wait to start (a worker "
+        "to pick it up, an image to pull), on top of its step timeout",
     )
     step_deployment: str = Field(
         default="pipeline-step/step-docker",
@@ -206,7 +250,19 @@ class PipelineConfig(BaseSettings):
 
     def store_options(self) -> dict[str, object]:
         """What the artifact store needs besides its URI (`open_store(uri, **options)`)."""
-        return {"endpoint_url": self.s3_endpoint_url, "create_bucket": self.create_bucket}
+        return {
+            "endpoint_url": self.s3_endpoint_url,
+            "create_bucket": self.create_bucket,
+            "timeouts": self.s3_timeouts(),
+        }
+
+    def s3_timeouts(self) -> tuple[float, float, int | None]:
+        """(connect timeout, read timeout, attempts or None for boto3's) of every S3 request."""
+        return (self.s3_connect_timeout, self.s3_read_timeout, self.s3_max_attempts)
+
+    def step_timeout(self, step: str) -> float:
+        """The seconds step `step` (dataset, train, evaluate, publish) may take."""
+        return float(getattr(self, f"{step}_timeout"))
 
     def run_dir(self) -> Path:
         """The local working directory of this run (staging for publish)."""

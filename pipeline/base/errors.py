@@ -7,3 +7,8 @@ and keeps its traceback.
 
 class PipelineError(Exception):
     """An error whose message is the whole story for the user."""
+
+
+class PermanentError(PipelineError):
+    """A failure that retrying cannot fix (a full disk, a read-only cache): Prefect's task
+    retries and the download loops give up at once."""

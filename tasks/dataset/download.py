@@ -7,6 +7,7 @@ for the rest of the run. A progress bar is drawn only on a terminal.
 
 from __future__ import annotations
 
+import errno
 import socket
 import sys
 import time
@@ -19,6 +20,7 @@ from urllib.parse import urljoin, urlparse
 from urllib.request import urlopen
 
 from pipeline.base.config import PipelineConfig
+from pipeline.base.errors import PermanentError
 from pipeline.base.files import atomic_writer
 from pipeline.base.logs import step_logger
 from tasks.dataset.idx import CorruptDataError, DataFile, DatasetError, inflate_gzip
@@ -32,6 +34,8 @@ DEBIAN_HINT = (
     f"{DEBIAN_DATA_DIR.as_uri()}/ (a default mirror)"
 )
 
+# Errors of the local disk, never of a network: no mirror and no retry can make space.
+LOCAL_DISK_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG})
 RETRY_STATUS = frozenset({408, 429, 500, 502, 503, 504})
 BACKOFF_SECONDS = 0.5  # first retry delay; doubles per retry
 BACKOFF_MAX_SECONDS = 10.0
@@ -91,8 +95,24 @@ def _body(response: BinaryIO, length: int | None, progress: _ProgressBar) -> Ite
         raise ConnectionError(f"connection closed after {received} of {length} bytes")
 
 
+class CacheWriteError(DatasetError, PermanentError):
+    """The dataset cache cannot be written (disk full, quota, read-only): not the mirror's fault."""
+
+
 def _download(url: str, spec: DataFile, target: Path, timeout: float) -> None:
     """Stream `url` (http, https or file) inflated into `target`, only if it is the pinned file."""
+    try:
+        _stream(url, spec, target, timeout)
+    except OSError as exc:
+        if exc.errno in LOCAL_DISK_ERRNOS:
+            raise CacheWriteError(
+                f"{spec.name}: cannot write the dataset cache {target.parent}: "
+                f"{exc.strerror}; free space there or set --data-dir"
+            ) from exc
+        raise
+
+
+def _stream(url: str, spec: DataFile, target: Path, timeout: float) -> None:
     # `timeout` bounds the connect and every read: a mirror that stalls mid-body raises.
     with urlopen(url, timeout=timeout) as response, atomic_writer(target, PART_SUFFIX) as sink:
         header = response.headers.get("Content-Length", "")

@@ -18,7 +18,7 @@ import mxnet as mx
 import numpy as np
 
 from pipeline.base import layout
-from pipeline.base.store import materialize
+from pipeline.base.store import materialize, verify_local_run
 from pipeline.base.uris import local_path
 from tasks.evaluate.metrics import NUM_CLASSES, EvaluationError
 
@@ -41,15 +41,31 @@ def to_model_input(images: np.ndarray) -> np.ndarray:
 
 
 @contextmanager
-def local_run_dir(model_uri: str, endpoint_url: str | None = None) -> Iterator[Path]:
-    """The run directory as a local directory: paths and file:// URIs as they are, s3:// URIs
-    copied into a scratch directory that is removed on exit."""
+def local_run_dir(
+    model_uri: str,
+    endpoint_url: str | None = None,
+    timeouts: tuple[float, float, int | None] | None = None,
+) -> Iterator[Path]:
+    """The run directory as a local directory, verified before anything is loaded from it.
+
+    s3:// URIs name published runs: they need a manifest, and are copied (every checksum
+    checked) into a scratch directory that is removed on exit. Paths and file:// URIs are used
+    in place; one holding a manifest (a published or pulled run) is re-hashed against it, and
+    one in a store's runs/ without a manifest (an unfinished publish) is refused.
+    """
     scheme = urlparse(model_uri).scheme
     if scheme == "s3":
         with tempfile.TemporaryDirectory(prefix="evaluate-model-") as scratch:
-            yield materialize(model_uri, Path(scratch), endpoint_url)
+            yield materialize(
+                model_uri, Path(scratch), endpoint_url, published=True, timeouts=timeouts
+            )
     elif scheme in ("", "file"):
-        yield local_path(model_uri)
+        run_dir = local_path(model_uri)
+        if not run_dir.is_dir():
+            yield run_dir  # load_model says what is missing
+            return
+        in_store = run_dir.absolute().parent.name == layout.RUNS
+        yield verify_local_run(run_dir, model_uri, published=in_store)
     else:
         raise EvaluationError(
             f"model {model_uri}: unsupported URI scheme {scheme!r}; use a run directory PATH, "

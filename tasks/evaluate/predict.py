@@ -26,6 +26,11 @@ IDX_UBYTE_MAGIC = b"\x00\x00\x08"
 # The dark-background hint: Fashion-MNIST borders are black, so a bright border suggests a
 # dark-on-light picture that the model has never seen.
 BRIGHT_BORDER_MEAN = 128
+# Untrusted inputs: an image header may declare billions of pixels, and a small .gz may inflate
+# to gigabytes. 4096x4096 is far beyond any picture of one garment; the whole Fashion-MNIST
+# test set as IDX is 7.8 MB.
+MAX_IMAGE_PIXELS = 4096 * 4096
+MAX_IDX_BYTES = 64 * 2**20
 
 
 class InputError(EvaluationError):
@@ -68,6 +73,48 @@ class Prediction:
         return self.top[0][0]
 
 
+def _inflate(raw: bytes, path: Path) -> bytes:
+    """A gzip member's bytes, refused once they pass MAX_IDX_BYTES (never inflated whole)."""
+    with gzip.GzipFile(fileobj=io.BytesIO(raw)) as stream:
+        data = stream.read(MAX_IDX_BYTES + 1)
+    if len(data) > MAX_IDX_BYTES:
+        raise InputError(f"{path}: inflates to more than {MAX_IDX_BYTES} bytes; not an IDX input")
+    return data
+
+
+def _read_idx(raw: bytes, path: Path) -> list[tuple[str, np.ndarray, tuple[str, ...]]]:
+    try:
+        images = parse_idx(_inflate(raw, path) if raw[:2] == GZIP_MAGIC else raw, str(path))
+    except (OSError, EOFError) as exc:
+        raise InputError(f"{path}: corrupt gzip data: {exc}") from exc
+    except DatasetError as exc:
+        raise InputError(str(exc)) from exc
+    if images.shape[1:] != (IMAGE_SIDE, IMAGE_SIDE):
+        raise InputError(
+            f"{path}: IDX data of shape {images.shape}, expected images of "
+            f"{IMAGE_SIDE}x{IMAGE_SIDE} (is it a labels file?)"
+        )
+    return [(f"{path.name}[{i}]", image, ()) for i, image in enumerate(images)]
+
+
+def _read_image(raw: bytes, path: Path) -> tuple[np.ndarray, tuple[str, ...]]:
+    try:
+        with Image.open(io.BytesIO(raw)) as image:
+            # PIL only warns up to twice its limit; decide before a pixel is decoded.
+            if image.width * image.height > MAX_IMAGE_PIXELS:
+                raise InputError(
+                    f"{path}: {image.width}x{image.height} pixels, more than the "
+                    f"{MAX_IMAGE_PIXELS} accepted (a decompression bomb?)"
+                )
+            return prepare_image(image)
+    except Image.DecompressionBombError as exc:
+        raise InputError(f"{path}: refused, too many pixels: {exc}") from exc
+    except UnidentifiedImageError as exc:
+        raise InputError(f"{path}: not a PNG/JPEG image nor an IDX file") from exc
+    except OSError as exc:  # e.g. a truncated image
+        raise InputError(f"{path}: cannot decode the image: {exc}") from exc
+
+
 def read_input_images(path: Path) -> list[tuple[str, np.ndarray, tuple[str, ...]]]:
     """(source, 28x28 uint8 image, notes) for each image of a PNG/JPEG or IDX (.gz or raw) file."""
     try:
@@ -75,25 +122,8 @@ def read_input_images(path: Path) -> list[tuple[str, np.ndarray, tuple[str, ...]
     except OSError as exc:
         raise InputError(f"{path}: cannot read: {exc.strerror}") from exc
     if raw[:2] == GZIP_MAGIC or raw[:3] == IDX_UBYTE_MAGIC:
-        try:
-            images = parse_idx(gzip.decompress(raw) if raw[:2] == GZIP_MAGIC else raw, str(path))
-        except (OSError, EOFError) as exc:
-            raise InputError(f"{path}: corrupt gzip data: {exc}") from exc
-        except DatasetError as exc:
-            raise InputError(str(exc)) from exc
-        if images.shape[1:] != (IMAGE_SIDE, IMAGE_SIDE):
-            raise InputError(
-                f"{path}: IDX data of shape {images.shape}, expected images of "
-                f"{IMAGE_SIDE}x{IMAGE_SIDE} (is it a labels file?)"
-            )
-        return [(f"{path.name}[{i}]", image, ()) for i, image in enumerate(images)]
-    try:
-        with Image.open(io.BytesIO(raw)) as image:
-            pixels, notes = prepare_image(image)
-    except UnidentifiedImageError as exc:
-        raise InputError(f"{path}: not a PNG/JPEG image nor an IDX file") from exc
-    except OSError as exc:  # e.g. a truncated image
-        raise InputError(f"{path}: cannot decode the image: {exc}") from exc
+        return _read_idx(raw, path)
+    pixels, notes = _read_image(raw, path)
     return [(path.name, pixels, notes)]
 
 
@@ -103,7 +133,7 @@ def predict(model_uri: str, inputs: list[Path], config: PipelineConfig) -> list[
     Images should show a light object on a black background, as Fashion-MNIST does.
     """
     items = [item for path in inputs for item in read_input_images(path)]
-    with local_run_dir(model_uri, config.s3_endpoint_url) as run_dir:
+    with local_run_dir(model_uri, config.s3_endpoint_url, config.s3_timeouts()) as run_dir:
         net = load_model(run_dir, model_uri)
     if not items:
         return []

@@ -58,7 +58,7 @@ def evaluate_model(
     Returns the metrics as written to metrics.json. Does not raise on a failing gate: the
     caller decides (the flow publishes first; the CLI calls `check_gate`).
     """
-    with local_run_dir(model_uri, config.s3_endpoint_url) as run_dir:
+    with local_run_dir(model_uri, config.s3_endpoint_url, config.s3_timeouts()) as run_dir:
         net = load_model(run_dir, model_uri)
         train_summary, history = read_training_metrics(run_dir)
     data = load_dataset(data_uri)

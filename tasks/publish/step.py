@@ -1,17 +1,21 @@
 """Publish step: a finished run directory -> the artifact store, verifiably.
 
 Order of writes, so that a crash at any point leaves the store consistent:
-1. every object of the run, skipping those already stored with the same SHA-256;
+1. every object of the run, create-only (skipping those already stored with the same SHA-256):
+   two publishers of one run id never mix their bytes;
 2. runs/<id>/manifest.json, create-only: a run id never changes content, and a run without a
-   manifest is incomplete, so every reader ignores it;
-3. latest.json, only once the manifest reads back as written and the quality gate passed, by
-   compare-and-swap (retried a bounded number of times) and only forward in time.
+   manifest is incomplete, so every reader ignores it. It records how many promotions the
+   store had seen (`published_after`): runs are ordered by publication, not by any clock;
+3. every stored object re-hashed against the manifest: a run that does not verify is never
+   promoted;
+4. latest.json, only if the quality gate passed and no run published after this one is
+   latest, by compare-and-swap (retried a bounded number of times); it records the
+   manifest's SHA-256, which readers check.
 """
 
 from __future__ import annotations
 
 import importlib.metadata
-import json
 import random
 import subprocess
 import time
@@ -25,22 +29,31 @@ from pipeline.base.errors import PipelineError
 from pipeline.base.logs import step_logger
 from pipeline.base.store import (
     ArtifactStore,
+    Blob,
     ConflictError,
     IntegrityError,
     StoreError,
     materialize,
     open_store,
-    read_json,
+    read_manifest,
     sha256_file,
+)
+from pipeline.base.store.documents import (
+    Latest,
+    Manifest,
+    digest,
+    document_bytes,
+    object_problems,
+    parse_document,
 )
 from tasks.dataset import read_record
 from tasks.evaluate.gate import read_metrics
 from tasks.evaluate.metrics import EvaluationError
 from tasks.publish.manifest import (
     build_manifest,
-    is_newer,
     latest_record,
     parse_restarts,
+    promotion_refusal,
     utc_iso,
 )
 
@@ -55,6 +68,12 @@ class PublishResult(NamedTuple):
     run_uri: str  # the published run in the store
     uploaded: list[str]  # keys sent this time (the others were already stored, same SHA-256)
     promoted: bool  # whether latest.json now points at this run
+    promotion: str = ""  # why (not): e.g. the run published after it that latest.json names
+
+
+class Promotion(NamedTuple):
+    promoted: bool
+    reason: str
 
 
 def scan_run_dir(run_dir: Path) -> dict[str, Path]:
@@ -110,15 +129,10 @@ def flow_run_id() -> str | None:
     return flow_run.id
 
 
-def _json_bytes(document: dict) -> bytes:
-    return json.dumps(document, indent=2, sort_keys=True).encode()
-
-
-def _check_same_run(published: dict, objects: Mapping[str, dict], run_uri: str) -> None:
+def _check_same_run(published: Manifest, objects: Mapping[str, dict], run_uri: str) -> None:
+    stored = {key: entry.model_dump() for key, entry in published.objects.items()}
     differing = sorted(
-        key
-        for key in published["objects"].keys() | objects.keys()
-        if published["objects"].get(key) != objects.get(key)
+        key for key in stored.keys() | objects.keys() if stored.get(key) != objects.get(key)
     )
     if differing:
         raise ConflictError(
@@ -127,47 +141,57 @@ def _check_same_run(published: dict, objects: Mapping[str, dict], run_uri: str) 
         )
 
 
-def _write_manifest(run_store: ArtifactStore, manifest: dict) -> dict:
-    """Write the manifest create-only, read it back and return what the store holds."""
+def _write_manifest(run_store: ArtifactStore, manifest: Manifest) -> tuple[Manifest, str]:
+    """Write the manifest create-only, read it back; the stored manifest and its SHA-256."""
+    data = document_bytes(manifest)
     try:
-        run_store.put(layout.MANIFEST, _json_bytes(manifest), if_none_match=True)
+        run_store.put(layout.MANIFEST, data, if_none_match=True)
         written = True
     except ConflictError:
         written = False  # a concurrent publisher of this run id won; fine if it is identical
-    stored = read_json(run_store, layout.MANIFEST)
-    if stored is None or (written and stored != manifest):
+    stored = read_manifest(run_store)
+    if stored is None or (written and stored[1] != digest(data)):
         raise IntegrityError(f"{run_store.key_uri(layout.MANIFEST)} does not read back as written")
-    _check_same_run(stored, manifest["objects"], run_store.uri)
+    _check_same_run(stored[0], manifest.model_dump()["objects"], run_store.uri)
     return stored
 
 
-def promote_latest(store: ArtifactStore, manifest: dict) -> bool:
-    """Point latest.json at this run unless it already points at a newer one.
+def read_latest(store: ArtifactStore) -> tuple[Latest | None, Blob | None]:
+    """latest.json as a model (None when absent or damaged: a damaged one is replaced, with a
+    warning) and the blob to compare-and-swap against."""
+    blob = store.get(layout.LATEST)
+    if blob is None:
+        return None, None
+    try:
+        return parse_document(Latest, blob.data, store.key_uri(layout.LATEST)), blob
+    except IntegrityError as exc:
+        step_logger(__name__).warning("%s; the next promotion replaces it", exc)
+        return None, blob
+
+
+def promote_latest(store: ArtifactStore, manifest: Manifest, manifest_sha256: str) -> Promotion:
+    """Point latest.json at this run unless a run published after it is already there.
 
     Compare-and-swap: the write succeeds only if latest.json is still the version read, so
     concurrent publishers never lose an update; the loser re-reads and decides again.
     """
-    candidate = latest_record(manifest)
     for attempt in range(LATEST_ATTEMPTS):
-        current = store.get(layout.LATEST)
-        try:
-            current_record = json.loads(current.data) if current else None
-        except ValueError:
-            step_logger(__name__).warning(
-                "%s is not valid JSON; replacing it", store.key_uri(layout.LATEST)
-            )
-            current_record = None
-        if current_record is not None and not is_newer(candidate, current_record):
-            return False
-        document = {**candidate, "updated_at": utc_iso(time.time())}
+        current, blob = read_latest(store)
+        refusal = promotion_refusal(manifest, current)
+        if refusal is not None:
+            return Promotion(False, refusal)
+        if current is not None and current.manifest_sha256 == manifest_sha256:
+            return Promotion(False, "latest.json already points at it")
+        sequence = max(current.sequence if current else 0, manifest.published_after) + 1
+        document = latest_record(manifest, manifest_sha256, sequence, utc_iso(time.time()))
         try:
             store.put(
                 layout.LATEST,
-                _json_bytes(document),
-                if_match=current.etag if current else None,
-                if_none_match=current is None,
+                document_bytes(document),
+                if_match=blob.etag if blob else None,
+                if_none_match=blob is None,
             )
-            return True
+            return Promotion(True, f"latest.json points at it (promotion {sequence})")
         except ConflictError:
             time.sleep(random.uniform(0, 0.05 * 2**attempt))  # jitter: let the other one finish
     raise StoreError(
@@ -184,36 +208,52 @@ def read_restarts(run_dir: Path) -> list[dict]:
         return []
 
 
+def _verify_stored(run_store: ArtifactStore, manifest: Manifest) -> None:
+    """Re-hash the run's stored objects: promote only what a reader would accept."""
+    expected = manifest.expected()
+    problems = object_problems(expected, run_store.rehash_many(sorted(expected)))
+    if problems:
+        raise IntegrityError(
+            f"run {run_store.uri} does not match its manifest, so it was not promoted: "
+            + "; ".join(problems[:5])
+        )
+
+
+def _local_files(run_dir: Path) -> tuple[dict[str, tuple[Path, str]], dict[str, dict]]:
+    files = scan_run_dir(run_dir)
+    local = {key: (path, sha256_file(path)) for key, path in files.items()}
+    objects = {
+        key: {"size": path.stat().st_size, "sha256": sha} for key, (path, sha) in local.items()
+    }
+    return local, objects
+
+
 def publish_run(
     store: ArtifactStore, run_dir: Path, dataset_record: dict, config: PipelineConfig
 ) -> PublishResult:
     """Publish the local run directory `run_dir` as run `config.run_id` of `store`."""
     config.run_dir()  # raises a clear ConfigError when the flow has not set a run id
-    run_id = config.run_id
-    files = scan_run_dir(run_dir)
+    local, objects = _local_files(run_dir)
     try:
         metrics = read_metrics(str(run_dir / layout.REPORT_DIR))
     except EvaluationError as exc:
         raise PublishError(str(exc)) from None
-    local = {key: (path, sha256_file(path)) for key, path in files.items()}
-    objects = {
-        key: {"size": path.stat().st_size, "sha256": digest}
-        for key, (path, digest) in local.items()
-    }
     store.ensure_writable()
-    run_store = store.child(layout.run_key(run_id))
-    published = read_json(run_store, layout.MANIFEST)
+    run_store = store.child(layout.run_key(config.run_id))
+    published = read_manifest(run_store)
     if published is not None:
-        _check_same_run(published, objects, run_store.uri)  # before touching any object
-    uploaded = run_store.sync(local)
-    if published is None:
+        _check_same_run(published[0], objects, run_store.uri)  # before touching any object
+        uploaded = run_store.sync(local)  # the manifest's bytes: repairs damage, mixes nothing
+    else:
+        # Create-only: a concurrent publisher of this run id with other bytes makes one of
+        # the two fail here, instead of both mixing their objects under one manifest.
+        uploaded = run_store.sync(local, create_only=True)
         manifest = build_manifest(
-            run_id=run_id,
+            run_id=config.run_id,
             objects=objects,
-            # The run's age is that of its oldest artifact, so a retried or delayed publish
-            # of an older run never moves latest.json backwards.
-            created_at=utc_iso(min(path.stat().st_mtime for path in files.values())),
+            created_at=utc_iso(min(path.stat().st_mtime for path, _ in local.values())),
             published_at=utc_iso(time.time()),
+            published_after=_promotions_so_far(store),
             dataset=dataset_record,
             config=config.model_dump(mode="json"),
             metrics=metrics,
@@ -222,17 +262,26 @@ def publish_run(
             restarts=read_restarts(run_dir),
         )
         published = _write_manifest(run_store, manifest)
-    promoted = published["metrics"]["gate"]["passed"] and promote_latest(store, published)
-    return PublishResult(run_store.uri, uploaded, promoted)
+    _verify_stored(run_store, published[0])
+    promotion = promote_latest(store, *published)
+    return PublishResult(run_store.uri, uploaded, promotion.promoted, promotion.reason)
+
+
+def _promotions_so_far(store: ArtifactStore) -> int:
+    current, _ = read_latest(store)
+    return current.sequence if current else 0
 
 
 def publish(config: PipelineConfig, data_uri: str, run_dir_uri: str) -> str:
     """The flow's publish step: returns the URI of the published run."""
     store = open_store(config.artifact_store, **config.store_options())
-    run_dir = materialize(run_dir_uri, config.run_dir(), config.s3_endpoint_url)
+    run_dir = materialize(
+        run_dir_uri, config.run_dir(), config.s3_endpoint_url, timeouts=config.s3_timeouts()
+    )
     result = publish_run(store, run_dir, read_record(data_uri), config)
     step_logger(__name__).info(
         f"published run {config.run_id} to {result.run_uri} ({len(result.uploaded)} object(s) "
-        f"uploaded); latest.json {'points at it' if result.promoted else 'unchanged'}"
+        f"uploaded); latest.json {'points at it' if result.promoted else 'unchanged'}: "
+        f"{result.promotion}"
     )
     return result.run_uri

@@ -63,12 +63,27 @@ def temp_path(path: Path) -> Path:
     return path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.partial")
 
 
-def safe_relative(key: str) -> PurePosixPath:
-    # Keys come from manifests, which a store can hand us: never let one escape its directory.
-    relative = PurePosixPath(key)
-    if not key or relative.is_absolute() or ".." in relative.parts:
+def check_key(key: str) -> str:
+    """`key` if it is a plain relative '/'-separated path; IntegrityError otherwise.
+
+    Keys come from manifests, which a store can hand us: never let one escape its directory,
+    name the directory itself, or carry a NUL byte into a system call.
+    """
+    parts = key.split("/")
+    if (
+        not key
+        or len(key) > 1024
+        or "\x00" in key
+        or "\\" in key
+        or key.startswith("/")
+        or any(part in ("", ".", "..") for part in parts)
+    ):
         raise IntegrityError(f"object key {key!r} is not a plain relative path")
-    return relative
+    return key
+
+
+def safe_relative(key: str) -> PurePosixPath:
+    return PurePosixPath(check_key(key))
 
 
 class ArtifactStore(ABC):
@@ -122,8 +137,12 @@ class ArtifactStore(ABC):
         """
 
     @abstractmethod
-    def upload(self, files: Mapping[str, tuple[Path, str]]) -> None:
-        """Store local files: key -> (path, its SHA-256 hex)."""
+    def upload(self, files: Mapping[str, tuple[Path, str]], *, create_only: bool = False) -> None:
+        """Store local files: key -> (path, its SHA-256 hex).
+
+        create_only: each object only if none exists under its key (ConflictError otherwise),
+        so two writers of one key never replace each other's bytes.
+        """
 
     @abstractmethod
     def _download(self, targets: Mapping[str, tuple[Path, ObjectInfo | None]]) -> None:
@@ -138,19 +157,42 @@ class ArtifactStore(ABC):
     def rehash_many(self, keys: Sequence[str]) -> dict[str, ObjectInfo | None]:
         return dict(zip(keys, self._map(self.rehash, keys), strict=True))
 
-    def sync(self, files: Mapping[str, tuple[Path, str]]) -> list[str]:
+    def sync(
+        self, files: Mapping[str, tuple[Path, str]], *, create_only: bool = False
+    ) -> list[str]:
         """Upload the files whose stored copy is missing or differs; return their keys.
 
         Idempotent: a file whose size and SHA-256 already match is not sent again.
+        create_only: never replace a stored object; one that holds other bytes (another
+        writer's) is a ConflictError, and so is losing the race to create one with other bytes.
         """
         stored = self.stat_many(list(files))
-        changed = {
-            key: (path, digest)
-            for key, (path, digest) in files.items()
-            if stored[key] != ObjectInfo(path.stat().st_size, digest)
+        wanted = {
+            key: ObjectInfo(path.stat().st_size, digest) for key, (path, digest) in files.items()
         }
-        self.upload(changed)
+        changed = {key: files[key] for key in files if stored[key] != wanted[key]}
+        if not create_only:
+            self.upload(changed)
+            return sorted(changed)
+        taken = sorted(key for key in changed if stored[key] is not None)
+        if taken:
+            raise ConflictError(self._taken_message(taken))
+        try:
+            self.upload(changed, create_only=True)
+        except ConflictError:
+            # Lost a race to create: fine only if the winner stored the very same bytes.
+            now = self.stat_many(sorted(changed))
+            taken = sorted(key for key in changed if now[key] != wanted[key])
+            if taken:
+                raise ConflictError(self._taken_message(taken)) from None
         return sorted(changed)
+
+    def _taken_message(self, keys: Sequence[str]) -> str:
+        return (
+            f"{self.key_uri(keys[0])} (and {len(keys) - 1} more) already holds other bytes: "
+            "another publisher is writing this run id with other content, or an earlier "
+            "publish of other content stopped half-way; publish under a new run id"
+        )
 
     def fetch(self, expected: Mapping[str, ObjectInfo | None], dest: Path) -> Path:
         """Download objects into `dest`: key -> the size and SHA-256 they must have (None: any).

@@ -69,17 +69,20 @@ class FileStore(ArtifactStore):
         with path.open("rb+") as f:
             os.fsync(f.fileno())
 
+    def _place(self, temp: Path, path: Path, create_only: bool) -> None:
+        if not create_only:
+            os.replace(temp, path)
+            return
+        try:
+            os.link(temp, path)  # atomic create-if-absent: fails when `path` exists
+        except FileExistsError:
+            raise ConflictError(f"{path.as_uri()} already exists") from None
+
     def _write(self, path: Path, data: bytes, create_only: bool = False) -> None:
         with self._staged(path) as temp:
             temp.write_bytes(data)
             self._fsync(temp)
-            if not create_only:
-                os.replace(temp, path)
-                return
-            try:
-                os.link(temp, path)  # atomic create-if-absent: fails when `path` exists
-            except FileExistsError:
-                raise ConflictError(f"{path.as_uri()} already exists") from None
+            self._place(temp, path, create_only)
 
     def ensure_writable(self) -> None:
         with self._os_errors("create directory", self.root):
@@ -138,13 +141,19 @@ class FileStore(ArtifactStore):
         except filelock.Timeout as exc:
             raise StoreError(f"{lock.lock_file}: still locked after {LOCK_TIMEOUT_S} s") from exc
 
-    def upload(self, files: Mapping[str, tuple[Path, str]]) -> None:
+    def upload(self, files: Mapping[str, tuple[Path, str]], *, create_only: bool = False) -> None:
+        lost = []
         for key, (source, _digest) in files.items():
             target = self._path(key)
             with self._staged(target) as temp:
                 shutil.copyfile(source, temp)
                 self._fsync(temp)
-                os.replace(temp, target)
+                try:
+                    self._place(temp, target, create_only)
+                except ConflictError:
+                    lost.append(key)  # the others still go: the caller compares them all
+        if lost:
+            raise ConflictError(f"{self.key_uri(lost[0])} (and {len(lost) - 1} more) exist")
 
     def _download(self, targets: Mapping[str, tuple[Path, ObjectInfo | None]]) -> None:
         for key, (target, _expected) in targets.items():

@@ -39,7 +39,8 @@ from pipeline.base.store.base import (
     safe_relative,
 )
 
-CONNECT_TIMEOUT_S = 5  # botocore's default of 60 s per attempt hides a dead endpoint for minutes
+# (connect s, read s, attempts): PipelineConfig's defaults, for stores opened without a config.
+DEFAULT_TIMEOUTS: tuple[float, float, int | None] = (5.0, 30.0, None)
 _HASH_CHUNK = 1 << 20
 
 
@@ -100,15 +101,22 @@ class S3Store(ArtifactStore):
         endpoint_url: str | None = None,
         create_bucket: bool = False,
         transfer: TransferConfig | None = None,
+        timeouts: tuple[float, float, int | None] | None = None,
     ) -> S3Store:
+        """`timeouts`: (connect s, read s, attempts; None: boto3's own, AWS_MAX_ATTEMPTS or 3);
+        botocore's own 60 s reads would let a hung endpoint hold every call for minutes."""
         transfer = transfer or TransferConfig()
+        connect_timeout, read_timeout, attempts = timeouts or DEFAULT_TIMEOUTS
         session = boto3.Session()  # AWS_PROFILE, AWS_* variables, ~/.aws/config + credentials
         endpoint = endpoint_url or _configured_endpoint_url(session)
         botocore_config = Config(
-            # "standard" retries connection errors, throttling and 5xx with backoff; the
-            # number of attempts stays boto3's (3, or AWS_MAX_ATTEMPTS / max_attempts).
-            retries={"mode": "standard"},
-            connect_timeout=CONNECT_TIMEOUT_S,
+            # "standard" retries connection errors, timeouts, throttling and 5xx with backoff;
+            # the attempts and timeouts are the pipeline's (s3_* settings), one place for all.
+            retries={"mode": "standard"}
+            if attempts is None
+            else {"mode": "standard", "total_max_attempts": attempts},
+            connect_timeout=connect_timeout,
+            read_timeout=read_timeout,
             max_pool_connections=max(10, transfer.max_concurrency),
             # S3-compatible servers rarely resolve BUCKET.host names: address them by path.
             s3={"addressing_style": "path"} if endpoint else None,
@@ -287,8 +295,42 @@ class S3Store(ArtifactStore):
                 **conditions,
             )
 
-    def upload(self, files: Mapping[str, tuple[Path, str]]) -> None:
+    @property
+    def _single_put(self) -> int:
+        return self._transfer.multipart_threshold
+
+    def _put_file_if_absent(self, item: tuple[str, tuple[Path, str]]) -> bool:
+        """One create-only PUT (the transfer manager cannot send If-None-Match); False: lost."""
+        key, (path, digest) = item
+        try:
+            with self._errors("upload to", key), path.open("rb") as body:
+                self._client.put_object(
+                    Bucket=self.bucket,
+                    Key=self._key(key),
+                    Body=body,
+                    IfNoneMatch="*",
+                    ChecksumAlgorithm="SHA256",
+                    Metadata={SHA256_METADATA: digest},
+                    ContentType=content_type(key),
+                )
+        except ConflictError:
+            return False
+        return True
+
+    def upload(self, files: Mapping[str, tuple[Path, str]], *, create_only: bool = False) -> None:
         if not files:
+            return
+        if create_only:
+            # The transfer manager cannot send If-None-Match: single PUTs for what fits one.
+            # A larger (multipart) object was absent when `sync` looked; a writer racing it in
+            # between is caught by the publish step's re-hash before promotion.
+            small = {k: v for k, v in files.items() if v[0].stat().st_size <= self._single_put}
+            created = self._map(self._put_file_if_absent, list(small.items()))
+            lost = [key for key, ok in zip(small, created, strict=True) if not ok]
+            files = {k: v for k, v in files.items() if k not in small}
+            self.upload(files)
+            if lost:
+                raise ConflictError(f"{self.key_uri(lost[0])} (and {len(lost) - 1} more) exist")
             return
         with (
             self._errors("upload to"),
