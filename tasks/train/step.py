@@ -230,14 +230,14 @@ def train(
             start_ranks(config, data_uri, on_output)
         return to_uri(run_dir)
     store = checkpoint_store(config)
+    if config.resume and read_checkpoint(run_dir) is None:
+        epoch = restore_checkpoint(store, run_dir)
+        if epoch is not None:
+            step_logger(__name__).info(
+                "restored the checkpoint of epoch %d from %s", epoch, store.uri
+            )
+    check_launchable(config)  # before anything is created: a bad option leaves no trace
     with run_lock(config, run_dir):
-        if config.resume and read_checkpoint(run_dir) is None:
-            epoch = restore_checkpoint(store, run_dir)
-            if epoch is not None:
-                step_logger(__name__).info(
-                    "restored the checkpoint of epoch %d from %s", epoch, store.uri
-                )
-        check_launchable(config)
         if not config.resume:  # a fresh run: restarts of an earlier attempt are not its own
             (run_dir / layout.TRAIN_RESTARTS).unlink(missing_ok=True)
         mirror = CheckpointMirror(store, run_dir)
