@@ -57,4 +57,6 @@ format: sync
 bench: sync
 	$(RUN) python -m bench.dataset_speed
 	$(RUN) python -m bench.train_speed
+	$(RUN) python -m bench.exchange
+	$(RUN) python -m bench.pipeline_overhead
 	$(RUN) python -m bench.s3_throughput
