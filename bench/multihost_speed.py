@@ -22,6 +22,8 @@ import statistics
 import subprocess
 import uuid
 
+from bench.table import print_ratio_table
+
 IMAGE = os.environ.get("PIPELINE_TEST_IMAGE", "fashion-pipeline:0.1.0")
 DEBIAN_DATA = "/usr/share/datasets/fashion-mnist"
 LABEL = "io.fashion-pipeline.bench"
@@ -122,10 +124,7 @@ def main() -> None:
     per_epoch = {name: statistics.median(seconds) for name, seconds in rows.items()}
     base = per_epoch["np=1, one host (2 cores)"]
     print(f"train step in containers ({IMAGE}), {args.epochs} epochs a row, median s/epoch\n")
-    print(f"| {'variant':<30} | s/epoch | vs np=1 |")
-    print(f"|{'-' * 32}|---------|---------|")
-    for name, seconds in per_epoch.items():
-        print(f"| {name:<30} | {seconds:7.3f} | {seconds / base:6.2f}x |")
+    print_ratio_table("variant", "s/epoch", per_epoch, base, "vs np=1")
 
 
 if __name__ == "__main__":

@@ -38,6 +38,7 @@ import numpy as np
 import psutil
 
 from bench.exchange import hvd_allreduce_us, raw_exchange_us
+from bench.table import print_ratio_table
 from pipeline.base.config import PipelineConfig
 from tasks.dataset import DEBIAN_DATA_DIR, FashionMNIST, load_dataset, prepare_dataset
 from tasks.train.sharding import epoch_permutation, global_batches
@@ -260,10 +261,7 @@ def print_exchange_table(exchange: dict, per_epoch: dict, steps: int) -> None:
     }
     raw = exchange["raw socket exchange"]
     print(f"gradient exchange at np=2 (7,850 float32), {steps} steps/epoch\n")
-    print(f"| {'per step':<28} | us/step | vs raw exchange |")
-    print(f"|{'-' * 30}|---------|-----------------|")
-    for name, micros in rows.items():
-        print(f"| {name:<28} | {micros:7.0f} | {micros / raw:14.1f}x |")
+    print_ratio_table("per step", "us/step", rows, raw, "vs raw exchange", digits=0)
     print()
 
 
