@@ -440,7 +440,7 @@ def test_an_interrupted_launcher_leaves_no_ranks_behind(work_dir: Path, data_uri
             time.sleep(0.1)
         assert len(rank_processes(run_dir)) == 2
         launcher.send_signal(signal.SIGINT)  # what Ctrl-C or a cancelled run does
-        assert launcher.wait(timeout=60) != 0
+        assert launcher.wait(timeout=120) != 0
         assert wait_until_no_ranks(run_dir) == [], "ranks outlived the interrupted launcher"
     finally:
         if launcher.poll() is None:

@@ -109,8 +109,18 @@ def stop_process_tree(process: subprocess.Popen) -> None:
     psutil.wait_procs(tree, timeout=STOP_GRACE_S)
 
 
+def block_stop_signals() -> None:
+    """Called first in a helper thread: Ctrl-C, SIGTERM and SIGHUP go to the main thread.
+
+    The kernel hands a process signal to any thread that does not block it; one delivered to a
+    helper leaves the main thread asleep in its queue wait until the next output line, so
+    stopping the ranks could wait on ranks that print nothing."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM, signal.SIGHUP})
+
+
 def _forward_lines(stream: IO[str], tag: Callable, source: int, lines: queue.SimpleQueue) -> None:
     # One thread per pipe: a rank writing to a pipe nobody reads would stall.
+    block_stop_signals()
     for raw in stream:
         lines.put((source, tag(raw.rstrip("\r\n"))))
     lines.put((source, None))  # this pipe is closed

@@ -22,6 +22,7 @@ from pipeline.base.logs import step_logger
 from pipeline.base.store import ArtifactStore, open_store
 from pipeline.base.store.base import sha256_file
 from tasks.train.checkpoints import Checkpoint, checkpoint_dir
+from tasks.train.launcher import block_stop_signals
 
 POINTER_NAME = Path(layout.CHECKPOINT_POINTER).name
 
@@ -105,6 +106,7 @@ class CheckpointMirror:
             self.logger.warning("checkpoint not copied to %s: %s", self.store.uri, exc)
 
     def _run(self) -> None:
+        block_stop_signals()
         while True:
             self.pending.wait()
             self.pending.clear()
