@@ -98,13 +98,18 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def running_server() -> LocalServer | None:
-    """The background server this tool started, if it still runs and answers."""
+def recorded_server() -> LocalServer | None:
+    """The server this tool last started, as its state file records it (it may be gone)."""
     try:
-        server = LocalServer(**json.loads(state_file().read_text()))
+        return LocalServer(**json.loads(state_file().read_text()))
     except (OSError, ValueError, TypeError):
         return None
-    if _alive(server.pid) and api_problem(server.api_url) is None:
+
+
+def running_server() -> LocalServer | None:
+    """The background server this tool started, if it still runs and answers."""
+    server = recorded_server()
+    if server is not None and _alive(server.pid) and api_problem(server.api_url) is None:
         return server
     return None
 
@@ -164,9 +169,8 @@ def start_server(port: int = DEFAULT_PORT, timeout: float = START_TIMEOUT_S) -> 
 
 def stop_server() -> LocalServer | None:
     """Stop the background server this tool started; return it, or None if none ran."""
-    try:
-        server = LocalServer(**json.loads(state_file().read_text()))
-    except (OSError, ValueError, TypeError):
+    server = recorded_server()
+    if server is None:
         return None
     if server.pid and _alive(server.pid):
         with suppress(ProcessLookupError):
