@@ -2,7 +2,8 @@
 
 Without an engine, the tests that need one skip, saying why (a failure in CI, where
 PIPELINE_TESTS_NO_SKIP=1). `image` builds the runtime image from the work tree once a session
-(the legacy builder, layers cached by the engine), so container tests run the current code.
+(the legacy builder, layers cached by the engine), so container tests run the current code;
+`seaweedfs_image` builds the dev overlay's S3 store.
 Every container and volume a test creates carries the label io.fashion-pipeline.test=<token>
 (`docker_objects`) and is removed at the end of the test, also when it fails.
 """
@@ -21,6 +22,8 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 # PIPELINE_TEST_IMAGE: another tag, e.g. one per work tree where several build at once.
 IMAGE = os.environ.get("PIPELINE_TEST_IMAGE", "fashion-pipeline:0.1.0")
+# The dev overlay's S3 store (k8s/overlays/dev/seaweedfs.yaml).
+SEAWEEDFS_IMAGE = "fashion-pipeline-seaweedfs:4.48"
 LABEL = "io.fashion-pipeline.test"
 DEBIAN_DATA = Path("/usr/share/datasets/fashion-mnist")
 BUILD_TIMEOUT_S = 1800
@@ -73,11 +76,17 @@ def docker_engine() -> None:
         pytest.skip(f"no Docker engine answers: {info.stderr.strip()[-300:]}")
 
 
-@pytest.fixture(scope="session")
-def image(docker_engine, tmp_path_factory: pytest.TempPathFactory) -> str:
-    """The runtime image, built from the work tree (layers cached by the engine)."""
-    log = tmp_path_factory.mktemp("image") / "build.log"
-    command = ["docker", "build", "-f", "docker/Dockerfile", "--target", "runtime", "-t", IMAGE]
+def build_image(
+    tag: str,
+    dockerfile: str,
+    log: Path,
+    target: str | None = None,
+    timeout: float = BUILD_TIMEOUT_S,
+) -> str:
+    """`docker build` of `dockerfile` from the work tree (layers cached by the engine)."""
+    command = ["docker", "build", "-f", dockerfile, "-t", tag]
+    if target:
+        command += ["--target", target]
     # The legacy builder: Debian's docker.io client has no buildx.
     with log.open("wb") as out:
         built = subprocess.run(
@@ -86,15 +95,29 @@ def image(docker_engine, tmp_path_factory: pytest.TempPathFactory) -> str:
             env={**os.environ, "DOCKER_BUILDKIT": "0"},
             stdout=out,
             stderr=subprocess.STDOUT,
-            timeout=BUILD_TIMEOUT_S,
+            timeout=timeout,
         )
     if built.returncode != 0:
         pytest.fail(
-            f"docker build exited with {built.returncode} (log: {log}); where no registry is "
-            f"reachable, build the base image first (docker/bootstrap-base.sh):\n"
+            f"docker build of {tag} exited with {built.returncode} (log: {log}); where no "
+            f"registry is reachable, build the base image first (docker/bootstrap-base.sh):\n"
             f"{log.read_text(errors='replace')[-3000:]}"
         )
-    return IMAGE
+    return tag
+
+
+@pytest.fixture(scope="session")
+def image(docker_engine, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The runtime image, built from the work tree."""
+    log = tmp_path_factory.mktemp("image") / "build.log"
+    return build_image(IMAGE, "docker/Dockerfile", log, target="runtime")
+
+
+@pytest.fixture(scope="session")
+def seaweedfs_image(docker_engine, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The dev overlay's S3 store image (docker/seaweedfs.Dockerfile)."""
+    log = tmp_path_factory.mktemp("seaweedfs-image") / "build.log"
+    return build_image(SEAWEEDFS_IMAGE, "docker/seaweedfs.Dockerfile", log, timeout=600)
 
 
 def image_size(reference: str) -> int:

