@@ -134,63 +134,54 @@ def start_mirror(deployment: Deployment) -> None:
     deployment.kubectl("patch", "configmap", "fashion-pipeline-config", "-p", json.dumps(patch))
 
 
+def deploy_dev(cluster: Cluster, home: Path, store_port: int) -> Deployment:
+    """README "Deploy" steps 2-5 with the dev overlay, plus the test's dataset mirror."""
+    objects = render(OVERLAY)
+    applied = cluster.kubectl("apply", "-k", str(OVERLAY), "-l", "!fashion-pipeline/manual-run")
+    secret_file = home / "s3.env"  # as k8s/secrets/s3.example.env tells a user to write it
+    secret_file.write_text("".join(f"{k}={v}\n" for k, v in S3_SECRET.items()))
+    create_secret = ["create", "secret", "generic", "fashion-pipeline-s3"]
+    cluster.kubectl("-n", NAMESPACE, *create_secret, f"--from-env-file={secret_file}")
+    store_uri = find_object(objects, "fashion-pipeline-config", "ConfigMap")["data"][
+        "PIPELINE_ARTIFACT_STORE"
+    ]
+    s3_env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "PIPELINE_"))},
+        **S3_SECRET,
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "PIPELINE_ARTIFACT_STORE": store_uri,
+        "PIPELINE_S3_ENDPOINT_URL": f"http://127.0.0.1:{store_port}",
+    }
+    deployment = Deployment(cluster, applied.stdout, objects, store_uri, s3_env)
+    provide_storage(cluster, claims=1)
+    start_mirror(deployment)
+    wait = [f"--timeout={READY_TIMEOUT_S}s"]
+    deployment.kubectl(
+        "rollout", "status", "statefulset/seaweedfs", *wait, timeout=READY_TIMEOUT_S + 10
+    )
+    return deployment
+
+
 @pytest.fixture(scope="module")
 def dev(k8s_cluster: Cluster, tmp_path_factory) -> Iterator[Deployment]:
     """The dev overlay deployed as the README says, its store forwarded to 127.0.0.1."""
     if not DEBIAN_DATA.is_dir():
         pytest.skip(f"{DEBIAN_DATA} missing (Debian: apt-get install dataset-fashion-mnist)")
+    own = k8s_cluster.state_dir is None
+    if own and k8s_cluster.kubectl("get", "namespace", NAMESPACE, check=False).returncode == 0:
+        pytest.fail(f"namespace {NAMESPACE} exists on your cluster; the tests create and delete it")
     home = tmp_path_factory.mktemp("k8s-dev")
-    objects = render(OVERLAY)
-    applied = k8s_cluster.kubectl(
-        "apply", "-k", str(OVERLAY), "-l", "!fashion-pipeline/manual-run"
-    ).stdout
-    secret_file = home / "s3.env"  # as k8s/secrets/s3.example.env tells a user to write it
-    secret_file.write_text("".join(f"{k}={v}\n" for k, v in S3_SECRET.items()))
-    k8s_cluster.kubectl(
-        "-n",
-        NAMESPACE,
-        "create",
-        "secret",
-        "generic",
-        "fashion-pipeline-s3",
-        f"--from-env-file={secret_file}",
-    )
-    config = find_object(objects, "fashion-pipeline-config", "ConfigMap")["data"]
     port = free_port()
-    s3_env = {
-        **{k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "PIPELINE_"))},
-        **S3_SECRET,
-        "AWS_DEFAULT_REGION": "us-east-1",
-        "PIPELINE_ARTIFACT_STORE": config["PIPELINE_ARTIFACT_STORE"],
-        "PIPELINE_S3_ENDPOINT_URL": f"http://127.0.0.1:{port}",
-    }
-    deployment = Deployment(
-        k8s_cluster, applied, objects, config["PIPELINE_ARTIFACT_STORE"], s3_env
-    )
-    provide_storage(k8s_cluster, claims=1)
-    start_mirror(deployment)
-    deployment.kubectl(
-        "rollout",
-        "status",
-        "statefulset/seaweedfs",
-        f"--timeout={READY_TIMEOUT_S}s",
-        timeout=READY_TIMEOUT_S + 10,
-    )
-    forward = [
-        str(KUBECTL),
-        "--kubeconfig",
-        str(k8s_cluster.kubeconfig),
-        "-n",
-        NAMESPACE,
-        "port-forward",
-        "--address",
-        "127.0.0.1",
-        "svc/seaweedfs",
-        f"{port}:8333",
-    ]
-    with background(forward, dict(os.environ), home / "port-forward.log"):
-        wait_for(lambda: _answers(deployment), 60, "the store through kubectl port-forward")
-        yield deployment
+    forward = [str(KUBECTL), "--kubeconfig", str(k8s_cluster.kubeconfig), "-n", NAMESPACE]
+    forward += ["port-forward", "--address", "127.0.0.1", "svc/seaweedfs", f"{port}:8333"]
+    try:
+        deployment = deploy_dev(k8s_cluster, home, port)
+        with background(forward, dict(os.environ), home / "port-forward.log"):
+            wait_for(lambda: _answers(deployment), 60, "the store through kubectl port-forward")
+            yield deployment
+    finally:
+        if own:  # a local cluster goes down whole at the end of the session
+            k8s_cluster.kubectl("delete", "namespace", NAMESPACE, "--wait=false", check=False)
 
 
 def _answers(deployment: Deployment) -> bool:
