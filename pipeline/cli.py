@@ -112,7 +112,8 @@ def _add_config_flags(parser: argparse.ArgumentParser, fields: Sequence[str]) ->
         # and a flag given before a sub-action is not reset by the action's own parser.
         kwargs: dict = {"dest": name, "default": argparse.SUPPRESS, "help": help_text}
         annotation = info.annotation
-        if annotation is bool:
+        if annotation is bool or bool in typing.get_args(annotation):
+            # A field that also takes a word (resume: auto) gets it from the environment.
             kwargs["action"] = argparse.BooleanOptionalAction
         elif typing.get_origin(annotation) is list:
             kwargs.update(nargs="+", metavar="URI")

@@ -4,6 +4,8 @@
 that requires an access key, on free ports, and stops it at the end of the session.
 `s3_env` gives a test boto3's own environment variables for that server, isolated from the
 user's ~/.aws files; `s3_store_uri` is a fresh s3:// prefix in the shared test bucket.
+`dev` (session-scoped, tier `cluster`) is k8s/overlays/dev deployed on the test cluster
+(tests/k8s_cluster.py) with its S3 store forwarded to 127.0.0.1.
 """
 
 from __future__ import annotations
@@ -15,6 +17,10 @@ from pathlib import Path
 
 import pytest
 
+from tests.docker_support import DEBIAN_DATA
+from tests.k8s_cluster import KUBECTL, Cluster
+from tests.prefect_server import background, wait_for
+from tests.support.k8s_deploy import NAMESPACE, Deployment, deploy_dev, store_answers
 from tests.support.seaweedfs import WEED, S3Server, free_port, seaweedfs
 
 # Prefect's test and temporary servers: no usage telemetry (unreachable here, and its start-up
@@ -78,3 +84,27 @@ def store_config(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: py
         s3_endpoint_url=server.endpoint,
         work_dir=tmp_path / "work",
     )
+
+
+@pytest.fixture(scope="session")
+def dev(k8s_cluster: Cluster, tmp_path_factory) -> Iterator[Deployment]:
+    """The dev overlay deployed as the README says, its store forwarded to 127.0.0.1."""
+    if not DEBIAN_DATA.is_dir():
+        pytest.skip(f"{DEBIAN_DATA} missing (Debian: apt-get install dataset-fashion-mnist)")
+    own = k8s_cluster.state_dir is None
+    if own and k8s_cluster.kubectl("get", "namespace", NAMESPACE, check=False).returncode == 0:
+        pytest.fail(f"namespace {NAMESPACE} exists on your cluster; the tests create and delete it")
+    home = tmp_path_factory.mktemp("k8s-dev")
+    port = free_port()
+    forward = [str(KUBECTL), "--kubeconfig", str(k8s_cluster.kubeconfig), "-n", NAMESPACE]
+    forward += ["port-forward", "--address", "127.0.0.1", "svc/seaweedfs", f"{port}:8333"]
+    try:
+        deployment = deploy_dev(k8s_cluster, home, port)
+        with background(forward, dict(os.environ), home / "port-forward.log"):
+            wait_for(
+                lambda: store_answers(deployment), 60, "the store through kubectl port-forward"
+            )
+            yield deployment
+    finally:
+        if own:  # a local cluster goes down whole at the end of the session
+            k8s_cluster.kubectl("delete", "namespace", NAMESPACE, "--wait=false", check=False)

@@ -29,6 +29,7 @@ from pipeline.cli import build_parser
 from tests.support.k8s_render import (
     K8S_DIR,
     OVERLAYS,
+    STAND_IN_JOB_UID,
     WORK_POOL_TEMPLATE,
     ManifestError,
     container_run,
@@ -552,7 +553,17 @@ def test_horovod_pods_find_each_other(rendered, overlay):
     service = find_object(objects, pod["spec"]["subdomain"], "Service")
     assert spec["completionMode"] == "Indexed"
     assert spec["completions"] == spec["parallelism"] == 2
-    assert spec["template"]["spec"]["restartPolicy"] == "Never" and spec["backoffLimit"] == 0
+    assert spec["template"]["spec"]["restartPolicy"] == "Never"
+    # Leader/worker: done when index 0 is; each index retried once; a lost worker (one failed
+    # index) does not fail the Job; a configuration error is not retried.
+    assert spec["successPolicy"] == {"rules": [{"succeededIndexes": "0"}]}
+    assert spec["backoffLimitPerIndex"] == 1 and spec["maxFailedIndexes"] == 1
+    assert "backoffLimit" not in spec  # it would cap the retries of all indexes together
+    (rule,) = spec["podFailurePolicy"]["rules"]
+    assert rule["action"] == "FailJob" and rule["onExitCodes"]["values"] == [2]
+    # One run for the Job's pods and retries; a retry resumes it from the store.
+    run = container_run(objects, job, secrets=TEST_SECRETS, fields={INDEX_FIELD: "0"})
+    assert run.env["PIPELINE_RUN_ID"] == STAND_IN_JOB_UID and run.env["PIPELINE_RESUME"] == "auto"
     assert service["spec"]["clusterIP"] == "None"
     assert service["spec"]["publishNotReadyAddresses"] is True
     assert service["spec"]["selector"].items() <= pod["metadata"]["labels"].items()

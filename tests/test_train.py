@@ -375,6 +375,26 @@ def test_a_resume_in_an_empty_work_dir_restores_the_checkpoint_from_the_store(
         assert np.array_equal(uninterrupted[key], after_resume[key]), key
 
 
+@pytest.mark.s3
+def test_resume_auto_starts_fresh_then_a_retry_resumes_from_the_store(
+    tmp_path: Path, data_uri: str, five_epochs: Path, s3_env, s3_store_uri: str, monkeypatch
+) -> None:
+    """A retried Kubernetes pod: the same run id and PIPELINE_RESUME=auto every time."""
+    monkeypatch.setenv("PIPELINE_RESUME", "auto")
+    store = {"artifact_store": s3_store_uri, "s3_endpoint_url": s3_env.endpoint}
+    first_pod = run_config(tmp_path / "first", "retried", num_proc=2, epochs=2, **store)
+    assert first_pod.resume == "auto"
+    fresh = path_of(train(first_pod, data_uri))  # nothing to resume: a fresh start, no error
+    assert [record["epoch"] for record in history(fresh)] == [1, 2]
+
+    second_pod = run_config(tmp_path / "second", "retried", num_proc=2, epochs=5, **store)
+    resumed = path_of(train(second_pod, data_uri))
+    assert [record["epoch"] for record in history(resumed)] == [1, 2, 3, 4, 5]
+    uninterrupted, after_resume = parameters(five_epochs), parameters(resumed)
+    for key in uninterrupted:
+        assert np.array_equal(uninterrupted[key], after_resume[key]), key
+
+
 # Makes every rank kill itself with SIGKILL as it starts (Python imports sitecustomize at
 # start-up): a real process that dies by a real signal at every start.
 DIE_AT_START = (

@@ -125,8 +125,11 @@ class PipelineConfig(BaseSettings):
     rendezvous_port: int = Field(
         default=29400, ge=1, le=65535, description="port of the Gloo rendezvous on host 0"
     )
-    resume: bool = Field(
-        default=False, description="resume training from the run's last complete checkpoint"
+    resume: bool | Literal["auto"] = Field(
+        default=False,
+        description="resume training from the run's last complete checkpoint (the run "
+        "directory's, else the artifact store's); 'auto' (PIPELINE_RESUME=auto): resume when "
+        "the run has one, else start fresh, e.g. a retried Kubernetes pod of a fixed run id",
     )
     max_restarts: int = Field(
         default=2,

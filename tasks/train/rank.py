@@ -157,7 +157,7 @@ def first_line(exc: BaseException) -> str:
     return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
-def _read_restore_point(run_dir: Path, resume: bool) -> tuple[Checkpoint, dict] | None:
+def _read_restore_point(run_dir: Path, resume: bool | str) -> tuple[Checkpoint, dict] | None:
     """Rank 0: the checkpoint to continue from and its optimizer arrays, or None (fresh)."""
     checkpoint = read_checkpoint(run_dir) if resume else None
     if checkpoint is None:
@@ -178,9 +178,11 @@ def _read_restore_point(run_dir: Path, resume: bool) -> tuple[Checkpoint, dict] 
 
 
 def restore(
-    run_dir: Path, resume: bool, net: gluon.Block, trainer: gluon.Trainer, ctx: mx.Context
+    run_dir: Path, resume: bool | str, net: gluon.Block, trainer: gluon.Trainer, ctx: mx.Context
 ) -> list[dict[str, Any]]:
-    """Start fresh or from the last checkpoint (read by rank 0, broadcast); the history."""
+    """Start fresh or from the last checkpoint (read by rank 0, broadcast); the history.
+    Every rank gets the same `resume` (True or "auto": rank 0 tells whether there is a point
+    to continue from), so all of them take part in the same broadcasts."""
     point = None
     if hvd.rank() == 0:  # [hvd] one rank reads, every rank receives
         point = _read_restore_point(run_dir, resume)

@@ -134,8 +134,12 @@ def check_launchable(config: PipelineConfig) -> None:
     if config.hostfile is not None and not config.hostfile.is_file():
         raise ConfigError(f"hostfile {config.hostfile} does not exist")
     rendezvous.slot_plan(config.hosts, config.hostfile, config.num_proc)
-    # Rank 0 reads the checkpoint; the other hosts of a rendezvous job have none.
-    if config.resume and config.is_coordinator():
+    # Rank 0 reads the checkpoint; the other hosts of a rendezvous job have none. "auto"
+    # resumes only a run that has one.
+    resumes = config.resume is True or (
+        config.resume == "auto" and read_checkpoint(config.run_dir()) is not None
+    )
+    if resumes and config.is_coordinator():
         check_resumable(config)
 
 

@@ -27,6 +27,8 @@ import yaml
 K8S_DIR = Path(__file__).resolve().parents[2] / "k8s"
 OVERLAYS = ("cpu", "gpu", "dev")
 WORK_POOL_TEMPLATE = K8S_DIR / "work-pool" / "base-job-template.json"
+JOB_UID_FIELD = "metadata.labels['batch.kubernetes.io/controller-uid']"
+STAND_IN_JOB_UID = "0c7e9a52-5d1e-4d6b-9a43-2f0f8e1b7c11"
 
 # Kubernetes expands $(NAME) in env values, command and args; "$$" is a literal "$".
 _VAR_REF_RE = re.compile(r"\$\$|\$\(([A-Za-z_][A-Za-z0-9_.-]*)\)")
@@ -207,7 +209,8 @@ def container_run(
     (optional references to missing keys are left out, as Kubernetes does); fields: values of
     downward-API fieldRefs by fieldPath, e.g.
     {"metadata.annotations['batch.kubernetes.io/job-completion-index']": "0"};
-    metadata.namespace defaults to the workload's namespace. ConfigMaps come from `objects`.
+    metadata.namespace defaults to the workload's namespace and a Job's controller-uid label
+    to STAND_IN_JOB_UID. ConfigMaps come from `objects`.
     """
     obj = find_object(objects, workload, kind) if isinstance(workload, str) else workload
     pod = pod_template(obj, replica)["spec"]
@@ -219,6 +222,8 @@ def container_run(
     spec = chosen[0]
     namespace = obj["metadata"].get("namespace")
     known_fields = {"metadata.namespace": namespace} if namespace else {}
+    if obj["kind"] in ("Job", "CronJob"):  # the Job controller labels its pods with its uid
+        known_fields[JOB_UID_FIELD] = STAND_IN_JOB_UID
     env = _resolve_env(spec, objects, secrets or {}, {**known_fields, **(fields or {})})
 
     def expanded(key: str) -> list[str] | None:
