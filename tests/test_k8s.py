@@ -1,6 +1,7 @@
 """Kubernetes manifests (k8s/): rendered offline, validated strictly, held to policy.
 
-No cluster runs here. `kubectl kustomize` renders every overlay and the MPIJob variant;
+Offline, in seconds (the real cluster is tests/test_k8s_cluster.py and its siblings).
+`kubectl kustomize` renders every overlay and the MPIJob variant;
 `kubernetes-validate --strict` checks the objects against Kubernetes' own schemas (1.30 and
 1.37); the MPIJob is checked against the vendored CRD schema; policy checks (restricted pod
 security, resources, image tags, secrets, labels) run over the rendered objects, and each of
