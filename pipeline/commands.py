@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from pipeline.base.config import PipelineConfig
+from pipeline.base.text import printable
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2
@@ -151,7 +152,8 @@ def artifacts_show(config: PipelineConfig, args: argparse.Namespace) -> int:
     """print a run's manifest"""
     from tasks.publish.artifacts import show_run
 
-    print(json.dumps(show_run(config, args.run), indent=2))
+    # ensure_ascii: every control byte of the stored strings is printed as a \\u escape.
+    print(json.dumps(show_run(config, args.run), indent=2, ensure_ascii=True))
     return 0
 
 
@@ -170,7 +172,7 @@ def artifacts_verify(config: PipelineConfig, args: argparse.Namespace) -> int:
 
     problems = verify_run(config, args.run)
     for problem in problems:
-        print(f"  {problem}", file=sys.stderr)
+        print(f"  {printable(problem)}", file=sys.stderr)  # object keys come from the store
     if problems:
         print(f"error: run {args.run}: {len(problems)} problem(s)", file=sys.stderr)
         return EXIT_FAILED

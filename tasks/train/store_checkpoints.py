@@ -21,7 +21,7 @@ from pipeline.base.files import atomic_write
 from pipeline.base.logs import step_logger
 from pipeline.base.store import ArtifactStore, open_store
 from pipeline.base.store.base import sha256_file
-from tasks.train.checkpoints import Checkpoint, checkpoint_dir
+from tasks.train.checkpoints import MAX_POINTER_BYTES, Checkpoint, checkpoint_dir
 from tasks.train.launcher import block_stop_signals
 
 POINTER_NAME = Path(layout.CHECKPOINT_POINTER).name
@@ -62,7 +62,7 @@ def mirror_checkpoint(store: ArtifactStore, run_dir: Path) -> int | None:
 def restore_checkpoint(store: ArtifactStore, run_dir: Path) -> int | None:
     """Download the stored checkpoint into an empty run directory (pointer last, every file
     checked against the SHA-256 it was stored with); its epoch, None when the store has none."""
-    blob = store.get(POINTER_NAME)
+    blob = store.get(POINTER_NAME, max_bytes=MAX_POINTER_BYTES)
     if blob is None:
         return None
     try:
