@@ -303,9 +303,16 @@ def publish(config: PipelineConfig, data_uri: str, run_dir_uri: str) -> str:
         run_dir_uri, config.run_dir(), config.s3_endpoint_url, timeouts=config.s3_timeouts()
     )
     result = publish_run(store, run_dir, read_record(data_uri), config)
-    step_logger(__name__).info(
-        f"published run {config.run_id} to {result.run_uri} ({len(result.uploaded)} object(s) "
-        f"uploaded); latest.json {'points at it' if result.promoted else 'unchanged'}: "
-        f"{result.promotion}"
-    )
+    step_logger(__name__).info(publish_line(config.run_id, result))
     return result.run_uri
+
+
+def publish_line(run_id: str, result: PublishResult) -> str:
+    """The publish step's log line: what was sent, and what latest.json does, said once."""
+    promotion = result.promotion
+    if not result.promoted and not promotion.startswith("latest.json"):
+        promotion = f"latest.json unchanged: {promotion}"
+    return (
+        f"published run {run_id} to {result.run_uri} ({len(result.uploaded)} object(s) "
+        f"uploaded); {promotion}"
+    )
