@@ -42,6 +42,7 @@ DATA_FIELDS = ("mirrors", "data_dir", "offline", "download_timeout", "download_r
 TRAIN_FIELDS = (
     "epochs", "batch_size", "lr", "init_sigma", "seed", "validation_fraction", "num_proc",
     "hosts", "hostfile", "worker_index", "rendezvous_port", "resume", "max_restarts",
+    "keep_checkpoints",
 )  # fmt: skip
 STORE_FIELDS = (
     "artifact_store", "s3_endpoint_url", "create_bucket",

@@ -135,6 +135,14 @@ class PipelineConfig(BaseSettings):
         description="times a single-host training whose rank died is restarted, from its last "
         "complete checkpoint with the ranks that remain; 0: a dead rank fails the step",
     )
+    keep_checkpoints: int = Field(
+        default=2,
+        ge=1,
+        le=1_000_000,
+        description="epochs whose checkpoint files the artifact store keeps for a run (the "
+        "newest ones, plus whatever the last checkpoint pointer names, which --resume needs); "
+        "older ones are deleted once a newer pointer is stored",
+    )
 
     # --- artifacts and quality gate ---
     work_dir: Path = Field(

@@ -243,7 +243,7 @@ def train(
         atomic_write(run_dir / layout.RUN_CONFIG, config.model_dump_json(indent=2))
         if not config.resume:  # a fresh run: restarts of an earlier attempt are not its own
             (run_dir / layout.TRAIN_RESTARTS).unlink(missing_ok=True)
-        mirror = CheckpointMirror(store, run_dir)
+        mirror = CheckpointMirror(store, run_dir, config.keep_checkpoints)
 
         def forward(line: str) -> None:
             if line.startswith("epoch "):  # rank 0 reports an epoch once its checkpoint is written

@@ -10,6 +10,7 @@ the store: ranks never see store credentials. Epoch files are content-addressed 
 
 from __future__ import annotations
 
+import re
 import threading
 from pathlib import Path
 
@@ -25,6 +26,7 @@ from tasks.train.checkpoints import MAX_POINTER_BYTES, Checkpoint, checkpoint_di
 from tasks.train.launcher import block_stop_signals
 
 POINTER_NAME = Path(layout.CHECKPOINT_POINTER).name
+EPOCH_FILE = re.compile(r"^epoch-([0-9]{4,7})\.(?:params|optimizer)$")
 
 # --- pure core ------------------------------------------------------------------------------
 
@@ -32,6 +34,32 @@ POINTER_NAME = Path(layout.CHECKPOINT_POINTER).name
 def checkpoint_files(checkpoint: Checkpoint) -> list[str]:
     """The file names a pointer needs besides itself."""
     return sorted({checkpoint.params, checkpoint.optimizer, checkpoint.best_params})
+
+
+def expired_files(stored: list[str], checkpoint: Checkpoint, keep: int) -> list[str]:
+    """The stored epoch files to delete once `checkpoint`'s pointer is stored: all but those of
+    the `keep` newest epochs up to the pointer's, and those the pointer names (--resume's).
+
+    Files of epochs after the pointer's (a resumed run's earlier future) are left alone, and so
+    is anything that is not an epoch file (the pointer itself).
+    """
+    epochs = {name: _epoch_of(name) for name in stored}
+    known = sorted({e for e in epochs.values() if e is not None and e <= checkpoint.epoch})
+    kept_epochs = set(known[-keep:])
+    needed = set(checkpoint_files(checkpoint))
+    return sorted(
+        name
+        for name, epoch in epochs.items()
+        if epoch is not None
+        and epoch <= checkpoint.epoch
+        and epoch not in kept_epochs
+        and name not in needed
+    )
+
+
+def _epoch_of(name: str) -> int | None:
+    match = EPOCH_FILE.match(name)
+    return int(match.group(1)) if match else None
 
 
 # --- shell ------------------------------------------------------------------------------------
@@ -43,9 +71,10 @@ def checkpoint_store(config: PipelineConfig) -> ArtifactStore:
     return store.child(f"{layout.run_key(config.run_id)}/{layout.CHECKPOINTS}")
 
 
-def mirror_checkpoint(store: ArtifactStore, run_dir: Path) -> int | None:
-    """Copy the run directory's last complete checkpoint to `store` (pointer last); its epoch,
-    None when there is none yet or rank 0 replaced it while it was read (the next one will do)."""
+def mirror_checkpoint(store: ArtifactStore, run_dir: Path, keep: int) -> int | None:
+    """Copy the run directory's last complete checkpoint to `store` (pointer last), then delete
+    the stored epochs it made stale (`expired_files`); its epoch, None when there is none yet
+    or rank 0 replaced it while it was read (the next one will do)."""
     directory = checkpoint_dir(run_dir)
     try:
         text = (run_dir / layout.CHECKPOINT_POINTER).read_text()
@@ -56,6 +85,8 @@ def mirror_checkpoint(store: ArtifactStore, run_dir: Path) -> int | None:
         return None
     store.sync(files)
     store.put(POINTER_NAME, text.encode())
+    # Only now: until the newer pointer is stored, the older one (and its files) is resume's.
+    store.delete(expired_files(store.list_keys(), checkpoint, keep))
     return checkpoint.epoch
 
 
@@ -89,8 +120,8 @@ class CheckpointMirror:
     """Mirrors the run's checkpoint to the store in the background after each epoch, so a
     slow store never holds up the launcher; `close()` mirrors the last one and stops."""
 
-    def __init__(self, store: ArtifactStore, run_dir: Path) -> None:
-        self.store, self.run_dir = store, run_dir
+    def __init__(self, store: ArtifactStore, run_dir: Path, keep: int) -> None:
+        self.store, self.run_dir, self.keep = store, run_dir, keep
         self.logger = step_logger(__name__)
         self.pending, self.closing = threading.Event(), False
         self.thread = threading.Thread(target=self._run, name="checkpoint-mirror", daemon=True)
@@ -101,7 +132,7 @@ class CheckpointMirror:
 
     def _mirror(self) -> None:
         try:
-            mirror_checkpoint(self.store, self.run_dir)
+            mirror_checkpoint(self.store, self.run_dir, self.keep)
         except Exception as exc:  # noqa: BLE001 - training goes on; the local copy stands
             self.logger.warning("checkpoint not copied to %s: %s", self.store.uri, exc)
 

@@ -158,6 +158,11 @@ class ArtifactStore(ABC):
         """
 
     @abstractmethod
+    def delete(self, keys: Sequence[str]) -> None:
+        """Remove objects (absent ones are fine). Only for what a run replaces as it goes (old
+        checkpoint epochs): everything a run publishes is create-only and never deleted."""
+
+    @abstractmethod
     def _download(self, targets: Mapping[str, tuple[Path, ObjectInfo | None]]) -> None:
         """Copy objects as they are: key -> (local path, what the object should be, if known)."""
 

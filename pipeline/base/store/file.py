@@ -7,7 +7,7 @@ import errno
 import hashlib
 import os
 import shutil
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import BinaryIO
 
@@ -177,6 +177,12 @@ class FileStore(ArtifactStore):
                     lost.append(key)  # the others still go: the caller compares them all
         if lost:
             raise ConflictError(f"{self.key_uri(lost[0])} (and {len(lost) - 1} more) exist")
+
+    def delete(self, keys: Sequence[str]) -> None:
+        for key in keys:
+            path = self._path(key)
+            with self._os_errors("delete", path):
+                path.unlink(missing_ok=True)
 
     def _download(self, targets: Mapping[str, tuple[Path, ObjectInfo | None]]) -> None:
         for key, (target, _expected) in targets.items():

@@ -48,6 +48,7 @@ from pipeline.base.store.base import (
 # for stores opened without a config.
 DEFAULT_TIMEOUTS: tuple[float, float, int | None, float] = (5.0, 30.0, None, 60.0)
 _HASH_CHUNK = 1 << 20
+_DELETE_BATCH = 1000  # the most keys one DeleteObjects request takes
 
 # When the store call running in this context must be over (time.monotonic()); set by
 # S3Store._errors, read by the before-send hook before every attempt of every request.
@@ -409,6 +410,23 @@ class S3Store(ArtifactStore):
             ]
             for future in futures:
                 future.result()
+
+    def delete(self, keys: Sequence[str]) -> None:
+        for start in range(0, len(keys), _DELETE_BATCH):
+            batch = keys[start : start + _DELETE_BATCH]
+            with self._errors("delete from"):
+                response = self._client.delete_objects(
+                    Bucket=self.bucket,
+                    Delete={"Objects": [{"Key": self._key(k)} for k in batch], "Quiet": True},
+                )
+            errors = response.get("Errors", [])
+            if errors:
+                first = errors[0]
+                raise StoreError(
+                    f"cannot delete s3://{self.bucket}/{first.get('Key', '?')} at {self.endpoint}: "
+                    f"{first.get('Code', '')} {first.get('Message', '')} (and "
+                    f"{len(errors) - 1} more)"
+                )
 
     def _download(self, targets: Mapping[str, tuple[Path, ObjectInfo | None]]) -> None:
         with (
