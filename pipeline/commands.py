@@ -98,7 +98,9 @@ def cmd_dataset(args: argparse.Namespace) -> int:
     record = read_record(data_uri)
     print(f"dataset ready at {data_uri}")
     for name, info in record["files"].items():
-        print(f"  {name:28} sha256 {info['sha256'][:16]}…  from {info['mirror']}")
+        # From dataset.json, a file anyone who can write the cache can edit: escaped.
+        line = f"  {name:28} sha256 {info['sha256'][:16]}…  from {info['mirror']}"
+        print(printable(line))
     return 0
 
 

@@ -18,7 +18,7 @@ import pytest
 
 from pipeline import cli
 from pipeline.base.config import PipelineConfig
-from pipeline.base.files import MAX_DOCUMENT_BYTES
+from pipeline.base.files import MAX_DOCUMENT_BYTES, UnsafeFileError
 from pipeline.base.layout import LATEST, MANIFEST
 from pipeline.base.logs import step_logger
 from pipeline.base.store import FileStore, IntegrityError, open_store
@@ -124,6 +124,31 @@ def test_pull_and_verify_refuse_a_linked_object_in_a_file_store(
         assert "model/model.params is a symbolic link" in err, err
     pulled = [p.read_bytes() for p in dest.rglob("*") if p.is_file()] if dest.exists() else []
     assert SECRET not in pulled
+
+
+def test_evaluate_and_the_checkpoint_mirror_refuse_linked_run_files(
+    tmp_path: Path, secret: Path
+) -> None:
+    from tasks.evaluate.step import read_training_metrics
+    from tasks.train.store_checkpoints import mirror_checkpoint
+
+    run_dir = tmp_path / "run"
+    (run_dir / "metrics").mkdir(parents=True)
+    (run_dir / "metrics/train.json").symlink_to(secret)
+    with pytest.raises(EvaluationError, match=r"train\.json is a symbolic link"):
+        read_training_metrics(run_dir)
+    pointer = {"epoch": 1, "params": "epoch-0001.params", "optimizer": "epoch-0001.optimizer",
+               "best_epoch": 1, "best_params": "epoch-0001.params", "history": [],
+               "trajectory": {}, "digests": {"epoch-0001.params": "0" * 64,
+                                             "epoch-0001.optimizer": "0" * 64}}  # fmt: skip
+    (run_dir / "checkpoints").mkdir()
+    (run_dir / "checkpoints/checkpoint.json").write_text(json.dumps(pointer))
+    (run_dir / "checkpoints/epoch-0001.params").symlink_to(secret)
+    (run_dir / "checkpoints/epoch-0001.optimizer").write_bytes(b"optimizer")
+    store = FileStore(tmp_path / "store")
+    with pytest.raises(UnsafeFileError, match=r"epoch-0001\.params is a symbolic link"):
+        mirror_checkpoint(store, run_dir, keep=2)
+    assert store.list_keys() == []
 
 
 # --- item 2: every document read stops at its bound --------------------------------------------

@@ -88,8 +88,8 @@ def _cache_problem(path: Path, spec: DataFile) -> str | None:
 
 def _read_record_file(cache: Path) -> dict:
     try:
-        return json.loads((cache / RECORD_NAME).read_text())
-    except (OSError, ValueError):
+        return json.loads(read_document_file(cache / RECORD_NAME, MAX_DOCUMENT_BYTES))
+    except (OSError, ValueError, UnsafeFileError):
         return {}  # no (readable) record yet: it is rebuilt from the verified files
 
 

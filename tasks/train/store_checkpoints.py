@@ -10,6 +10,7 @@ the store: ranks never see store credentials. Epoch files are content-addressed 
 
 from __future__ import annotations
 
+import hashlib
 import re
 import threading
 from pathlib import Path
@@ -18,10 +19,9 @@ from pydantic import ValidationError
 
 from pipeline.base import layout
 from pipeline.base.config import ConfigError, PipelineConfig
-from pipeline.base.files import atomic_write
+from pipeline.base.files import atomic_write, open_no_links, read_document_file
 from pipeline.base.logs import step_logger
 from pipeline.base.store import ArtifactStore, open_store
-from pipeline.base.store.base import sha256_file
 from tasks.train.checkpoints import MAX_POINTER_BYTES, Checkpoint, checkpoint_dir
 from tasks.train.launcher import block_stop_signals
 
@@ -77,14 +77,14 @@ def mirror_checkpoint(store: ArtifactStore, run_dir: Path, keep: int) -> int | N
     or rank 0 replaced it while it was read (the next one will do)."""
     directory = checkpoint_dir(run_dir)
     try:
-        text = (run_dir / layout.CHECKPOINT_POINTER).read_text()
-        checkpoint = Checkpoint.model_validate_json(text)
-        files = {name: (directory / name, sha256_file(directory / name)) for name in
+        pointer = read_document_file(run_dir / layout.CHECKPOINT_POINTER, MAX_POINTER_BYTES)
+        checkpoint = Checkpoint.model_validate_json(pointer)
+        files = {name: (directory / name, _no_link_sha256(directory, name)) for name in
                  checkpoint_files(checkpoint)}  # fmt: skip
     except (FileNotFoundError, ValidationError):
         return None
     store.sync(files)
-    store.put(POINTER_NAME, text.encode())
+    store.put(POINTER_NAME, pointer)
     # Only now: until the newer pointer is stored, the older one (and its files) is resume's.
     store.delete(expired_files(store.list_keys(), checkpoint, keep))
     return checkpoint.epoch
@@ -114,6 +114,13 @@ def restore_checkpoint(store: ArtifactStore, run_dir: Path) -> int | None:
     store.fetch(expected, checkpoint_dir(run_dir))
     atomic_write(run_dir / layout.CHECKPOINT_POINTER, blob.data.decode())
     return checkpoint.epoch
+
+
+def _no_link_sha256(directory: Path, name: str) -> str:
+    """The SHA-256 of a checkpoint file; UnsafeFileError (the mirror's warning) for a link,
+    which would copy whatever it points at into the store."""
+    with open_no_links(directory, name) as source:
+        return hashlib.file_digest(source, "sha256").hexdigest()
 
 
 class CheckpointMirror:
