@@ -24,6 +24,7 @@ from pydantic import ValidationError
 from pipeline import commands
 from pipeline.base.config import SWEEPABLE, PipelineConfig
 from pipeline.base.errors import PipelineError
+from pipeline.base.text import PRINTABLE_FILTER, printable
 from pipeline.prefect_server import DEFAULT_PORT
 
 # Prefect's temporary server (used when no PREFECT_API_URL is set) would otherwise send usage
@@ -41,10 +42,11 @@ DATA_FIELDS = ("mirrors", "data_dir", "offline", "download_timeout", "download_r
 TRAIN_FIELDS = (
     "epochs", "batch_size", "lr", "init_sigma", "seed", "validation_fraction", "num_proc",
     "hosts", "hostfile", "worker_index", "rendezvous_port", "resume", "max_restarts",
+    "keep_checkpoints",
 )  # fmt: skip
 STORE_FIELDS = (
     "artifact_store", "s3_endpoint_url", "create_bucket",
-    "s3_connect_timeout", "s3_read_timeout", "s3_max_attempts",
+    "s3_connect_timeout", "s3_read_timeout", "s3_max_attempts", "s3_call_deadline",
 )  # fmt: skip
 STEP_TIMEOUT_FIELDS = (
     "dataset_timeout", "train_timeout", "evaluate_timeout", "publish_timeout",
@@ -60,7 +62,7 @@ RUN_FIELDS = (
 )
 EVALUATE_FIELDS = DATA_FIELDS + (
     "work_dir", "s3_endpoint_url", "min_test_accuracy",
-    "s3_connect_timeout", "s3_read_timeout", "s3_max_attempts",
+    "s3_connect_timeout", "s3_read_timeout", "s3_max_attempts", "s3_call_deadline",
 )  # fmt: skip
 
 DESCRIPTION = """\
@@ -262,6 +264,8 @@ def _configure_logging(verbose: bool) -> None:
         level=logging.DEBUG if verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(PRINTABLE_FILTER)  # every line this process logs: no raw control bytes
     if not verbose:
         for chatty in ("httpx", "botocore", "boto3", "s3transfer"):
             logging.getLogger(chatty).setLevel(logging.WARNING)
@@ -276,10 +280,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.handler(args)
     except ValidationError as exc:
-        print(f"error: {_validation_message(exc)}", file=sys.stderr)
+        print(f"error: {printable(_validation_message(exc))}", file=sys.stderr)
         return EXIT_USAGE
     except PipelineError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {printable(str(exc), keep_newlines=True)}", file=sys.stderr)
         return EXIT_FAILED
     except Terminated as exc:
         print(f"error: terminated by {exc}; every process it started was stopped", file=sys.stderr)

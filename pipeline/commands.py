@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from pipeline.base.config import PipelineConfig
+from pipeline.base.text import printable
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2
@@ -97,7 +98,9 @@ def cmd_dataset(args: argparse.Namespace) -> int:
     record = read_record(data_uri)
     print(f"dataset ready at {data_uri}")
     for name, info in record["files"].items():
-        print(f"  {name:28} sha256 {info['sha256'][:16]}…  from {info['mirror']}")
+        # From dataset.json, a file anyone who can write the cache can edit: escaped.
+        line = f"  {name:28} sha256 {info['sha256'][:16]}…  from {info['mirror']}"
+        print(printable(line))
     return 0
 
 
@@ -151,7 +154,8 @@ def artifacts_show(config: PipelineConfig, args: argparse.Namespace) -> int:
     """print a run's manifest"""
     from tasks.publish.artifacts import show_run
 
-    print(json.dumps(show_run(config, args.run), indent=2))
+    # ensure_ascii: every control byte of the stored strings is printed as a \\u escape.
+    print(json.dumps(show_run(config, args.run), indent=2, ensure_ascii=True))
     return 0
 
 
@@ -170,7 +174,7 @@ def artifacts_verify(config: PipelineConfig, args: argparse.Namespace) -> int:
 
     problems = verify_run(config, args.run)
     for problem in problems:
-        print(f"  {problem}", file=sys.stderr)
+        print(f"  {printable(problem)}", file=sys.stderr)  # object keys come from the store
     if problems:
         print(f"error: run {args.run}: {len(problems)} problem(s)", file=sys.stderr)
         return EXIT_FAILED

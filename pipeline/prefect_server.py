@@ -138,6 +138,9 @@ def start_server(port: int = DEFAULT_PORT, timeout: float = START_TIMEOUT_S) -> 
     prefect_home().mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
     env.pop("PREFECT_API_URL", None)
+    # The UI asks /ui-settings where its API is; Prefect derives that from its own default port
+    # (4200), not from `--port`, so on any other port the page "Can't connect to Server API".
+    env["PREFECT_UI_API_URL"] = LocalServer(pid=0, port=port).api_url
     with log_file().open("ab") as log:
         process = subprocess.Popen(
             _server_command(port),

@@ -22,6 +22,7 @@ from pydantic import BaseModel, Field
 from pipeline.base import layout
 from pipeline.base.config import SWEEPABLE, PipelineConfig
 from pipeline.base.errors import PipelineError
+from pipeline.base.files import MAX_DOCUMENT_BYTES, read_document_file
 from pipeline.flow import dataset_step, evaluate_step, new_run_id, publish_step, train_step
 from tasks.evaluate.gate import read_metrics
 from tasks.evaluate.report import png_data_uri
@@ -120,7 +121,8 @@ def run_trial(config: PipelineConfig, data_uri: str) -> Trial:
     report_uri = evaluate_step(config, data_uri, run_dir_uri)
     published_uri = publish_step(config, data_uri, run_dir_uri)
     metrics = read_metrics(report_uri)
-    trained = json.loads((config.run_dir() / layout.TRAIN_SUMMARY).read_text())
+    summary = config.run_dir() / layout.TRAIN_SUMMARY
+    trained = json.loads(read_document_file(summary, MAX_DOCUMENT_BYTES))
     return Trial(
         params={name: getattr(config, name) for name in SWEEPABLE},
         run_id=config.run_id,

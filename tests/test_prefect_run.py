@@ -5,10 +5,12 @@ that does not start in time, a port taken by something else) ending in one `erro
 from __future__ import annotations
 
 import io
+import json
 import os
 import socket
 import subprocess
 import sys
+import urllib.request
 from pathlib import Path
 
 import psutil
@@ -130,6 +132,9 @@ def test_local_server_starts_once_is_reused_and_stops_leaving_nothing(tmp_path):
     try:
         assert started.returncode == 0, started.stderr[-3000:]
         assert f"http://127.0.0.1:{port}" in started.stdout
+        # Issue 22, item 6: the UI it serves talks to this server's API, not to port 4200's.
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/ui-settings", timeout=30) as reply:
+            assert json.load(reply)["api_url"] == f"http://127.0.0.1:{port}/api"
         status = pipeline(env, "server", "status", timeout=60)
         assert status.returncode == 0, status.stderr
         pid = int(status.stdout.rsplit("pid ", 1)[1].rstrip(")\n"))

@@ -343,6 +343,9 @@ def test_a_killed_rank_is_restarted_from_the_last_checkpoint_with_the_ranks_left
     assert len(restarts) == 1, restarts
     assert restarts[0]["rank"] == 1 and "SIGKILL" in restarts[0]["reason"]
     assert 1 <= restarts[0]["from_epoch"] < 5 and restarts[0]["num_proc"] == 1
+    # Issue 22, item 4: one run, one config: the one asked for (num_proc 2, resume false), as
+    # publish records it in the manifest; the restart is recorded beside it, not rewritten in.
+    assert json.loads((run_dir / "config.json").read_text()) == config.model_dump(mode="json")
     logged = [m for m in capture.messages if m.startswith("rank 1 exited with status 137")]
     assert logged == [
         f"rank 1 exited with status 137 (SIGKILL); restart 1 of at most 2 from epoch "
@@ -492,9 +495,13 @@ def test_two_hosts_without_ssh_train_the_horovodrun_model(two_hosts, np2_run) ->
             assert np.array_equal(expected[key], trained[key]), f"{name}: {key} differs"
     assert without_seconds(history(host_zero)) == without_seconds(history(np2_dir))
     assert json.loads((host_zero / "metrics" / "train.json").read_text())["num_proc"] == 2
-    # Host 1 ran rank 1 only: its run directory holds the config its rank read, and no model
-    # (and its hidden run lock, never published).
-    assert sorted(path.name for path in host_one.iterdir()) == [".run-host-1.lock", "config.json"]
+    # Host 1 ran rank 1 only: its run directory holds the run's config, and no model (and,
+    # hidden, never published: the config its rank read and its run lock).
+    assert sorted(path.name for path in host_one.iterdir()) == [
+        ".rank-config.json",
+        ".run-host-1.lock",
+        "config.json",
+    ]
     assert wait_until_no_ranks(host_zero) == [] and wait_until_no_ranks(host_one) == []
 
 

@@ -138,6 +138,14 @@ class PipelineConfig(BaseSettings):
         description="times a single-host training whose rank died is restarted, from its last "
         "complete checkpoint with the ranks that remain; 0: a dead rank fails the step",
     )
+    keep_checkpoints: int = Field(
+        default=2,
+        ge=1,
+        le=1_000_000,
+        description="epochs whose checkpoint files the artifact store keeps for a run (the "
+        "newest ones, plus whatever the last checkpoint pointer names, which --resume needs); "
+        "older ones are deleted once a newer pointer is stored",
+    )
 
     # --- artifacts and quality gate ---
     work_dir: Path = Field(
@@ -172,6 +180,14 @@ class PipelineConfig(BaseSettings):
         le=10,
         description="attempts per S3 request (connection errors, timeouts, 5xx); default: "
         "boto3's own (AWS_MAX_ATTEMPTS, the profile's max_attempts, else 3)",
+    )
+    s3_call_deadline: float = Field(
+        default=60.0,
+        gt=0,
+        le=86400,
+        description="seconds one store call (a read, a write, a listing) may take in all, every "
+        "attempt and backoff included, whatever s3_max_attempts says (keep it below the step "
+        "timeouts: then a hung endpoint fails a step as a store error, not a timeout)",
     )
     # exclude: a webhook URL is a credential; it never goes into config.json, a manifest, a
     # failure record or a rank's environment.
@@ -259,9 +275,15 @@ class PipelineConfig(BaseSettings):
             "timeouts": self.s3_timeouts(),
         }
 
-    def s3_timeouts(self) -> tuple[float, float, int | None]:
-        """(connect timeout, read timeout, attempts or None for boto3's) of every S3 request."""
-        return (self.s3_connect_timeout, self.s3_read_timeout, self.s3_max_attempts)
+    def s3_timeouts(self) -> tuple[float, float, int | None, float]:
+        """(connect timeout, read timeout, attempts or None for boto3's) of every S3 request,
+        and the deadline of a whole store call, whatever the attempts."""
+        return (
+            self.s3_connect_timeout,
+            self.s3_read_timeout,
+            self.s3_max_attempts,
+            self.s3_call_deadline,
+        )
 
     def step_timeout(self, step: str) -> float:
         """The seconds step `step` (dataset, train, evaluate, publish) may take."""

@@ -7,13 +7,14 @@ directory and an object key under a published run. Change a file name here and n
     <store>/runs/<run-id>/...            one published run: the run directory minus checkpoints,
                         manifest.json    written last: a run without it is incomplete
 
-    <work-dir>/<run-id>/config.json      the PipelineConfig used
+    <work-dir>/<run-id>/config.json      the PipelineConfig the user asked for (restarts: below)
                         model/           the exported model (symbol + params) and model.params
                         metrics/         train.jsonl (per epoch), train.json (summary),
                                          restarts.jsonl (restarts after a rank died)
                         report/          metrics.json (written last), report.md, *.png
                         checkpoints/     checkpoint.json (the pointer) + epoch-NNNN.* files
                         .run.lock        held by the run's train step (one run per run id)
+                        .rank-config.json  the config of the ranks' current attempt
 """
 
 from __future__ import annotations
@@ -45,6 +46,9 @@ REPORT_METRICS = f"{REPORT_DIR}/metrics.json"  # written last: its presence mean
 REPORT_MARKDOWN = f"{REPORT_DIR}/report.md"
 CHECKPOINTS = "checkpoints"  # resumable training state: never published
 CHECKPOINT_POINTER = f"{CHECKPOINTS}/checkpoint.json"  # the last complete checkpoint
+# The config of the ranks' current attempt (a restart changes num_proc and resume): hidden, never
+# published. RUN_CONFIG stays the config the user asked for; restarts go to TRAIN_RESTARTS.
+RANK_CONFIG = ".rank-config.json"
 FAILURE = "failure.json"
 # Held (flock) by the train step for the run's life: one run per run id. Hidden: never published.
 RUN_LOCK = ".run.lock"

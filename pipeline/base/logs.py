@@ -7,18 +7,23 @@ from __future__ import annotations
 import logging
 import sys
 
+from pipeline.base.text import escape_logger
+
 
 def step_logger(name: str) -> logging.Logger | logging.LoggerAdapter:
-    """The logger for a step's messages."""
+    """The logger for a step's messages; each message has its control characters escaped
+    (a step logs names and values read from stores, run directories and data files)."""
     if "prefect" in sys.modules:
         from prefect.exceptions import MissingContextError
         from prefect.logging import get_run_logger
 
         try:
-            return get_run_logger()
+            adapter = get_run_logger()
+            escape_logger(adapter.logger)
+            return adapter
         except MissingContextError:
             pass
-    return logging.getLogger(name)
+    return escape_logger(logging.getLogger(name))
 
 
 def in_prefect_run() -> bool:

@@ -24,7 +24,12 @@ import numpy as np
 from filelock import FileLock, Timeout
 
 from pipeline.base.config import PipelineConfig
-from pipeline.base.files import atomic_write
+from pipeline.base.files import (
+    MAX_DOCUMENT_BYTES,
+    UnsafeFileError,
+    atomic_write,
+    read_document_file,
+)
 from pipeline.base.logs import step_logger
 from pipeline.base.uris import local_path
 from tasks.dataset.download import PART_SUFFIX, fetch_from_mirrors
@@ -83,8 +88,8 @@ def _cache_problem(path: Path, spec: DataFile) -> str | None:
 
 def _read_record_file(cache: Path) -> dict:
     try:
-        return json.loads((cache / RECORD_NAME).read_text())
-    except (OSError, ValueError):
+        return json.loads(read_document_file(cache / RECORD_NAME, MAX_DOCUMENT_BYTES))
+    except (OSError, ValueError, UnsafeFileError):
         return {}  # no (readable) record yet: it is rebuilt from the verified files
 
 
@@ -197,7 +202,9 @@ def read_record(data_uri: str) -> dict:
     mirror that served it."""
     path = local_path(data_uri) / RECORD_NAME
     try:
-        return json.loads(path.read_text())
+        return json.loads(read_document_file(path, MAX_DOCUMENT_BYTES))
+    except UnsafeFileError as exc:
+        raise DatasetError(f"cannot read the dataset record: {exc}") from None
     except OSError as exc:
         raise DatasetError(
             f"{path}: cannot read the dataset record ({exc.strerror}); run `pipeline dataset`"

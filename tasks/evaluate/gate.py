@@ -8,6 +8,7 @@ from pathlib import PurePosixPath
 from typing import Any
 
 from pipeline.base import layout
+from pipeline.base.files import MAX_DOCUMENT_BYTES, UnsafeFileError, read_document_file
 from pipeline.base.uris import local_path
 from tasks.evaluate.metrics import EvaluationError
 
@@ -52,7 +53,10 @@ def read_metrics(report_uri: str) -> dict[str, Any]:
     gate and the publish step need."""
     path = local_path(report_uri) / METRICS_FILE
     try:
-        metrics = json.loads(path.read_text())
+        # Bounded and never through a link: the run directory is untrusted input.
+        metrics = json.loads(read_document_file(path, MAX_DOCUMENT_BYTES))
+    except UnsafeFileError as exc:
+        raise EvaluationError(f"cannot read the metrics: {exc}") from None
     except FileNotFoundError:
         raise EvaluationError(
             f"{report_uri}: {METRICS_FILE} is missing: evaluate the run first ({path})"

@@ -18,6 +18,7 @@ import mxnet as mx
 import numpy as np
 
 from pipeline.base import layout
+from pipeline.base.files import UnsafeFileError, open_no_links
 from pipeline.base.store import materialize, verify_local_run
 from pipeline.base.uris import local_path
 from tasks.evaluate.metrics import NUM_CLASSES, EvaluationError
@@ -44,7 +45,7 @@ def to_model_input(images: np.ndarray) -> np.ndarray:
 def local_run_dir(
     model_uri: str,
     endpoint_url: str | None = None,
-    timeouts: tuple[float, float, int | None] | None = None,
+    timeouts: tuple[float, float, int | None, float] | None = None,
 ) -> Iterator[Path]:
     """The run directory as a local directory, verified before anything is loaded from it.
 
@@ -87,11 +88,17 @@ def load_model(run_dir: Path, model_uri: str) -> mx.gluon.SymbolBlock:
     `model_uri` is what the user named, used in error messages.
     """
     for relative in (MODEL_SYMBOL, MODEL_PARAMS):
-        if not (run_dir / relative).is_file():
+        try:
+            # Opened without following links: a run directory is untrusted, and a link would
+            # have MXNet read whatever file it names.
+            open_no_links(run_dir, relative.as_posix()).close()
+        except (FileNotFoundError, NotADirectoryError):
             raise ModelNotFoundError(
                 f"model {model_uri}: {relative} not found (expected a run directory holding "
                 f"{MODEL_SYMBOL} and {MODEL_PARAMS})"
-            )
+            ) from None
+        except UnsafeFileError as exc:
+            raise ModelFormatError(f"model {model_uri}: {exc}") from None
     try:
         with warnings.catch_warnings():
             # imports() warns that it cannot infer the input's dtype; we always feed float32.

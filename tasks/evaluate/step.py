@@ -10,7 +10,12 @@ import numpy as np
 
 from pipeline.base import layout
 from pipeline.base.config import PipelineConfig
-from pipeline.base.files import atomic_write
+from pipeline.base.files import (
+    MAX_DOCUMENT_BYTES,
+    UnsafeFileError,
+    atomic_write,
+    read_document_file,
+)
 from pipeline.base.logs import step_logger
 from pipeline.base.uris import local_path, to_uri
 from tasks.dataset import load_dataset
@@ -30,21 +35,26 @@ METRICS_FILE = Path(layout.REPORT_METRICS).name
 REPORT_FILE = Path(layout.REPORT_MARKDOWN).name
 
 
-def _read_json(path: Path) -> Any:
+def _read_text(path: Path) -> str | None:
+    """A run directory's small text file (bounded, never through a link); None when absent."""
     try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise EvaluationError(f"{path}: cannot read JSON: {exc}") from exc
+        return read_document_file(path, MAX_DOCUMENT_BYTES).decode(errors="replace")
+    except FileNotFoundError:
+        return None
+    except (OSError, UnsafeFileError) as exc:
+        raise EvaluationError(f"{path}: cannot read: {exc}") from exc
 
 
 def read_training_metrics(run_dir: Path) -> tuple[dict[str, Any] | None, list[dict[str, Any]]]:
     """The train step's summary (None if absent) and per-epoch history ([] if absent)."""
     summary_path, history_path = run_dir / layout.TRAIN_SUMMARY, run_dir / layout.TRAIN_HISTORY
-    summary = _read_json(summary_path) if summary_path.exists() else None
+    summary_text, history_text = _read_text(summary_path), _read_text(history_path)
+    try:
+        summary = None if summary_text is None else json.loads(summary_text)
+    except json.JSONDecodeError as exc:
+        raise EvaluationError(f"{summary_path}: cannot read JSON: {exc}") from exc
     history = (
-        parse_training_history(history_path.read_text(), str(history_path))
-        if history_path.exists()
-        else []
+        [] if history_text is None else parse_training_history(history_text, str(history_path))
     )
     return summary, history
 

@@ -17,6 +17,7 @@ from pipeline.base.store.documents import (
     Manifest,
     object_problems,
 )
+from pipeline.base.text import printable
 
 __all__ = [
     "build_manifest",
@@ -144,9 +145,11 @@ def damaged_summary(run_id: str, reason: str) -> dict:
 
 
 def format_run_line(run: dict) -> str:
+    """One line of `artifacts list`; every string from the store escaped (`printable`)."""
     if run.get("damaged"):
-        return f"{run['run_id']}  DAMAGED: {run['damaged']}"
-    created = run["created_at"][:19].replace("T", " ")
+        return f"{printable(run['run_id'])}  DAMAGED: {printable(run['damaged'])}"
+    created = printable(run["created_at"][:19].replace("T", " "))
     gate = "passed" if run["gate_passed"] else "FAILED"
-    line = f"{run['run_id']}  accuracy {run['accuracy']:.4f}  gate {gate}  created {created} UTC"
+    run_id = printable(run["run_id"])
+    line = f"{run_id}  accuracy {run['accuracy']:.4f}  gate {gate}  created {created} UTC"
     return line + ("  <- latest" if run["latest"] else "")

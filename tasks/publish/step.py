@@ -15,6 +15,7 @@ Order of writes, so that a crash at any point leaves the store consistent:
 
 from __future__ import annotations
 
+import hashlib
 import importlib.metadata
 import random
 import subprocess
@@ -26,6 +27,12 @@ from typing import NamedTuple
 from pipeline.base import layout
 from pipeline.base.config import PipelineConfig
 from pipeline.base.errors import PipelineError
+from pipeline.base.files import (
+    MAX_DOCUMENT_BYTES,
+    UnsafeFileError,
+    open_no_links,
+    read_document_file,
+)
 from pipeline.base.logs import step_logger
 from pipeline.base.store import (
     ArtifactStore,
@@ -36,7 +43,6 @@ from pipeline.base.store import (
     materialize,
     open_store,
     read_manifest,
-    sha256_file,
 )
 from pipeline.base.store.documents import (
     Latest,
@@ -80,7 +86,8 @@ def scan_run_dir(run_dir: Path) -> dict[str, Path]:
     """The files of a local run directory to publish, by store key.
 
     Everything except checkpoints/, hidden files and a local manifest.json (the store
-    writes its own).
+    writes its own). A symbolic link anywhere in it (file or directory) refuses the run: the
+    work directory is untrusted, and a link would publish whatever file it points at.
     """
     if not run_dir.is_dir():
         raise PublishError(f"run directory {run_dir} does not exist")
@@ -88,11 +95,17 @@ def scan_run_dir(run_dir: Path) -> dict[str, Path]:
     for path in sorted(run_dir.rglob("*")):
         relative = path.relative_to(run_dir)
         if (
-            path.is_file()
-            and relative.parts[0] not in layout.UNPUBLISHED_DIRS
-            and relative.as_posix() != layout.MANIFEST
-            and not any(part.startswith(".") for part in relative.parts)
+            relative.parts[0] in layout.UNPUBLISHED_DIRS
+            or relative.as_posix() == layout.MANIFEST
+            or any(part.startswith(".") for part in relative.parts)
         ):
+            continue
+        if path.is_symlink():
+            raise PublishError(
+                f"run directory {run_dir}: {relative.as_posix()} is a symbolic link; links are "
+                "never published (nothing was uploaded)"
+            )
+        if path.is_file():
             files[relative.as_posix()] = path
     return files
 
@@ -203,9 +216,12 @@ def promote_latest(store: ArtifactStore, manifest: Manifest, manifest_sha256: st
 def read_restarts(run_dir: Path) -> list[dict]:
     """The training's restarts recorded in the run directory (none when the file is absent)."""
     try:
-        return parse_restarts((run_dir / layout.TRAIN_RESTARTS).read_text(errors="replace"))
+        data = read_document_file(run_dir / layout.TRAIN_RESTARTS, MAX_DOCUMENT_BYTES)
     except FileNotFoundError:
         return []
+    except UnsafeFileError as exc:
+        raise PublishError(str(exc)) from None
+    return parse_restarts(data.decode(errors="replace"))
 
 
 def _verify_stored(run_store: ArtifactStore, manifest: Manifest) -> None:
@@ -219,9 +235,17 @@ def _verify_stored(run_store: ArtifactStore, manifest: Manifest) -> None:
         )
 
 
+def _no_link_sha256(run_dir: Path, key: str) -> str:
+    try:
+        with open_no_links(run_dir, key) as source:
+            return hashlib.file_digest(source, "sha256").hexdigest()
+    except UnsafeFileError as exc:  # replaced by a link after the scan
+        raise PublishError(f"{exc} (nothing was uploaded)") from None
+
+
 def _local_files(run_dir: Path) -> tuple[dict[str, tuple[Path, str]], dict[str, dict]]:
     files = scan_run_dir(run_dir)
-    local = {key: (path, sha256_file(path)) for key, path in files.items()}
+    local = {key: (path, _no_link_sha256(run_dir, key)) for key, path in files.items()}
     objects = {
         key: {"size": path.stat().st_size, "sha256": sha} for key, (path, sha) in local.items()
     }
@@ -279,9 +303,16 @@ def publish(config: PipelineConfig, data_uri: str, run_dir_uri: str) -> str:
         run_dir_uri, config.run_dir(), config.s3_endpoint_url, timeouts=config.s3_timeouts()
     )
     result = publish_run(store, run_dir, read_record(data_uri), config)
-    step_logger(__name__).info(
-        f"published run {config.run_id} to {result.run_uri} ({len(result.uploaded)} object(s) "
-        f"uploaded); latest.json {'points at it' if result.promoted else 'unchanged'}: "
-        f"{result.promotion}"
-    )
+    step_logger(__name__).info(publish_line(config.run_id, result))
     return result.run_uri
+
+
+def publish_line(run_id: str, result: PublishResult) -> str:
+    """The publish step's log line: what was sent, and what latest.json does, said once."""
+    promotion = result.promotion
+    if not result.promoted and not promotion.startswith("latest.json"):
+        promotion = f"latest.json unchanged: {promotion}"
+    return (
+        f"published run {run_id} to {result.run_uri} ({len(result.uploaded)} object(s) "
+        f"uploaded); {promotion}"
+    )

@@ -145,7 +145,7 @@ def check_launchable(config: PipelineConfig) -> None:
 
 def rank_command(data_uri: str, run_dir: Path) -> list[str]:
     """The command line of one rank, the same on every host."""
-    config_file = str(run_dir / layout.RUN_CONFIG)
+    config_file = str(run_dir / layout.RANK_CONFIG)
     return [sys.executable, "-m", "tasks.train.rank", "--config", config_file] + [
         "--data", data_uri, "--out", str(run_dir),
     ]  # fmt: skip
@@ -231,6 +231,7 @@ def train(
     if not config.is_coordinator():
         check_launchable(config)
         with run_lock(config, run_dir):
+            atomic_write(run_dir / layout.RUN_CONFIG, config.model_dump_json(indent=2))
             start_ranks(config, data_uri, on_output)
         return to_uri(run_dir)
     store = checkpoint_store(config)
@@ -242,9 +243,11 @@ def train(
             )
     check_launchable(config)  # before anything is created: a bad option leaves no trace
     with run_lock(config, run_dir):
+        # The run's one config: what the user asked for; restarts are recorded beside it.
+        atomic_write(run_dir / layout.RUN_CONFIG, config.model_dump_json(indent=2))
         if not config.resume:  # a fresh run: restarts of an earlier attempt are not its own
             (run_dir / layout.TRAIN_RESTARTS).unlink(missing_ok=True)
-        mirror = CheckpointMirror(store, run_dir)
+        mirror = CheckpointMirror(store, run_dir, config.keep_checkpoints)
 
         def forward(line: str) -> None:
             if line.startswith("epoch "):  # rank 0 reports an epoch once its checkpoint is written
@@ -285,8 +288,9 @@ def _launch(
 ) -> None:
     env = rank_environment(config, os.environ)
     command = rank_command(data_uri, run_dir)
-    # The one typed config travels to the ranks as this file.
-    atomic_write(run_dir / layout.RUN_CONFIG, config.model_dump_json(indent=2))
+    # The one typed config travels to the ranks as this file: this attempt's (a restart has
+    # fewer ranks and resumes), never config.json, which keeps the config the user asked for.
+    atomic_write(run_dir / layout.RANK_CONFIG, config.model_dump_json(indent=2))
     if config.worker_index is not None:
         run_host_job(config, command, env, on_output=on_output)
     elif uses_ssh(config):

@@ -61,7 +61,7 @@ def open_store(
     endpoint_url: str | None = None,
     create_bucket: bool = False,
     transfer: object | None = None,
-    timeouts: tuple[float, float, int | None] | None = None,
+    timeouts: tuple[float, float, int | None, float] | None = None,
 ) -> ArtifactStore:
     """The store at `uri`: file://PATH (file://rel is relative to the cwd) or s3://BUCKET/PREFIX.
 
@@ -114,7 +114,7 @@ def materialize(
     endpoint_url: str | None = None,
     *,
     published: bool = False,
-    timeouts: tuple[float, float, int | None] | None = None,
+    timeouts: tuple[float, float, int | None, float] | None = None,
 ) -> Path:
     """A run directory on local disk: PATH, file://PATH or s3://BUCKET/PREFIX/runs/RUN_ID.
 

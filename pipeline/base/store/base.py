@@ -19,6 +19,7 @@ from pathlib import Path, PurePosixPath
 from typing import NamedTuple, TypeVar
 
 from pipeline.base.errors import PipelineError
+from pipeline.base.files import MAX_DOCUMENT_BYTES
 
 SHA256_METADATA = "sha256"  # our whole-file digest: multipart S3 checksums are per part
 
@@ -36,6 +37,14 @@ class ConflictError(StoreError):
 
 class IntegrityError(StoreError):
     """Stored bytes do not match the checksum they were published with."""
+
+
+def too_large(uri: str, size: int | None, limit: int) -> IntegrityError:
+    """The error for a document larger than it may be (read up to `limit` bytes, no further)."""
+    told = f"{size} bytes" if size is not None else "more bytes"
+    return IntegrityError(
+        f"{uri}: {told}, more than the {limit} a document may have; it was not read"
+    )
 
 
 @dataclass(frozen=True)
@@ -123,8 +132,12 @@ class ArtifactStore(ABC):
         """Size and SHA-256 of the bytes actually stored (reads them), None when missing."""
 
     @abstractmethod
-    def get(self, key: str) -> Blob | None:
-        """A small object's bytes and version tag, None when it does not exist."""
+    def get(self, key: str, max_bytes: int = MAX_DOCUMENT_BYTES) -> Blob | None:
+        """A small object's bytes and version tag, None when it does not exist.
+
+        Reads at most `max_bytes` (+1 to tell): a larger object is an IntegrityError naming
+        it, raised before its bytes are held in memory.
+        """
 
     @abstractmethod
     def put(
@@ -143,6 +156,11 @@ class ArtifactStore(ABC):
         create_only: each object only if none exists under its key (ConflictError otherwise),
         so two writers of one key never replace each other's bytes.
         """
+
+    @abstractmethod
+    def delete(self, keys: Sequence[str]) -> None:
+        """Remove objects (absent ones are fine). Only for what a run replaces as it goes (old
+        checkpoint epochs): everything a run publishes is create-only and never deleted."""
 
     @abstractmethod
     def _download(self, targets: Mapping[str, tuple[Path, ObjectInfo | None]]) -> None:

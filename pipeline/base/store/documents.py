@@ -15,11 +15,12 @@ from typing import Annotated, TypeVar
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
+from pipeline.base.files import MAX_DOCUMENT_BYTES
 from pipeline.base.store.base import IntegrityError, ObjectInfo, check_key
+from pipeline.base.text import printable
 
 MANIFEST_FORMAT = 1
 MAX_OBJECT_BYTES = 1 << 50  # 1 PiB: anything larger is not a size but an attack or a typo
-MAX_DOCUMENT_BYTES = 16 << 20  # a manifest lists a few dozen objects; never read a huge one
 Sha256Hex = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
 RunId = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")]
 Sequence = Annotated[int, Field(ge=0, le=2**63 - 1)]
@@ -128,7 +129,8 @@ def parse_document(model: type[D], data: bytes, where: str) -> D:
 
 def _first_error(exc: ValidationError) -> str:
     error = exc.errors(include_url=False, include_input=False)[0]
-    location = ".".join(str(part) for part in error["loc"]) or "document"
+    # The location holds the document's own keys (e.g. an object key with ESC or NUL in it).
+    location = printable(".".join(str(part) for part in error["loc"])) or "document"
     more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
     return f"{location}: {error['msg']}{more}"
 

@@ -3,23 +3,27 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import os
 import shutil
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import BinaryIO
 
 import filelock
 
+from pipeline.base.files import MAX_DOCUMENT_BYTES, UnsafeFileError, open_no_links, read_bounded
 from pipeline.base.store.base import (
     ArtifactStore,
     Blob,
     ConflictError,
+    IntegrityError,
     ObjectInfo,
     StoreError,
     safe_relative,
-    sha256_file,
     temp_path,
+    too_large,
 )
 
 LOCK_TIMEOUT_S = 60
@@ -104,23 +108,42 @@ class FileStore(ArtifactStore):
                 r.as_posix() for r in relative if not any(part.startswith(".") for part in r.parts)
             )
 
-    def stat(self, key: str) -> ObjectInfo | None:
+    @contextlib.contextmanager
+    def _reading(self, key: str) -> Iterator[BinaryIO | None]:
+        """The object's file opened without following any link below the root; None when
+        it does not exist. A link (or a directory link above it) is an IntegrityError: a store
+        is untrusted, and a link would hand out whatever file it points at."""
         path = self._path(key)
-        with self._os_errors("read", path):
-            if not path.is_file():
+        try:
+            source = open_no_links(self.root, safe_relative(key))
+        except (FileNotFoundError, NotADirectoryError):
+            yield None
+            return
+        except UnsafeFileError as exc:
+            raise IntegrityError(f"artifact store {self.uri}: {exc}") from None
+        except OSError as exc:
+            raise StoreError(f"artifact store {self.uri}: cannot read {path}: {exc}") from exc
+        with source, self._os_errors("read", path):
+            yield source
+
+    def stat(self, key: str) -> ObjectInfo | None:
+        with self._reading(key) as source:
+            if source is None:
                 return None
-            return ObjectInfo(path.stat().st_size, sha256_file(path))
+            digest = hashlib.file_digest(source, "sha256").hexdigest()
+            return ObjectInfo(os.fstat(source.fileno()).st_size, digest)
 
     rehash = stat  # a local file has no separately recorded digest
 
-    def get(self, key: str) -> Blob | None:
-        path = self._path(key)
-        try:
-            data = path.read_bytes()
-        except FileNotFoundError:
-            return None
-        except OSError as exc:
-            raise StoreError(f"artifact store {self.uri}: cannot read {path}: {exc}") from exc
+    def get(self, key: str, max_bytes: int = MAX_DOCUMENT_BYTES) -> Blob | None:
+        with self._reading(key) as source:
+            if source is None:
+                return None
+            try:
+                data = read_bounded(source, max_bytes, self.key_uri(key))
+            except UnsafeFileError:
+                size = os.fstat(source.fileno()).st_size
+                raise too_large(self.key_uri(key), size, max_bytes) from None
         return Blob(data, hashlib.sha256(data).hexdigest())
 
     def put(
@@ -155,8 +178,16 @@ class FileStore(ArtifactStore):
         if lost:
             raise ConflictError(f"{self.key_uri(lost[0])} (and {len(lost) - 1} more) exist")
 
+    def delete(self, keys: Sequence[str]) -> None:
+        for key in keys:
+            path = self._path(key)
+            with self._os_errors("delete", path):
+                path.unlink(missing_ok=True)
+
     def _download(self, targets: Mapping[str, tuple[Path, ObjectInfo | None]]) -> None:
         for key, (target, _expected) in targets.items():
-            source = self._path(key)
-            with self._os_errors("copy", source):
-                shutil.copyfile(source, target)
+            with self._reading(key) as source, self._os_errors("copy", target):
+                if source is None:
+                    raise FileNotFoundError(errno.ENOENT, "no such object", str(self._path(key)))
+                with target.open("wb") as sink:
+                    shutil.copyfileobj(source, sink)

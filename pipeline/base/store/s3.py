@@ -7,7 +7,10 @@ Plain boto3, configured as AWS users configure it (AWS_* environment variables, 
 from __future__ import annotations
 
 import contextlib
+import contextvars
+import functools
 import hashlib
+import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -26,6 +29,7 @@ from botocore.exceptions import ConnectionError as BotoConnectionError
 from s3transfer.exceptions import RetriesExceededError
 from s3transfer.subscribers import BaseSubscriber
 
+from pipeline.base.files import MAX_DOCUMENT_BYTES
 from pipeline.base.store.base import (
     SHA256_METADATA,
     ArtifactStore,
@@ -37,11 +41,36 @@ from pipeline.base.store.base import (
     T,
     content_type,
     safe_relative,
+    too_large,
 )
 
-# (connect s, read s, attempts): PipelineConfig's defaults, for stores opened without a config.
-DEFAULT_TIMEOUTS: tuple[float, float, int | None] = (5.0, 30.0, None)
+# (connect s, read s, attempts, deadline s of a whole store call): PipelineConfig's defaults,
+# for stores opened without a config.
+DEFAULT_TIMEOUTS: tuple[float, float, int | None, float] = (5.0, 30.0, None, 60.0)
 _HASH_CHUNK = 1 << 20
+_DELETE_BATCH = 1000  # the most keys one DeleteObjects request takes
+
+# When the store call running in this context must be over (time.monotonic()); set by
+# S3Store._errors, read by the before-send hook before every attempt of every request.
+_CALL_DEADLINE: contextvars.ContextVar[float | None] = contextvars.ContextVar(
+    "s3_call_deadline", default=None
+)
+
+
+class _DeadlinePassed(Exception):
+    """Raised by the before-send hook; botocore's retries never retry it (not transient)."""
+
+
+def _bound_attempt(read_timeout: float, request: object, **_: object) -> None:
+    """Before each attempt: none once the call's deadline passed, else wait no longer for the
+    endpoint's bytes than the time the call has left (botocore's per-request read timeout)."""
+    deadline = _CALL_DEADLINE.get()
+    if deadline is None:
+        return
+    remaining = deadline - time.monotonic()
+    if remaining <= 0:
+        raise _DeadlinePassed()
+    request.context["read_timeout"] = min(read_timeout, remaining)
 
 
 _AUTH_CODES = {
@@ -84,8 +113,10 @@ class S3Store(ArtifactStore):
         prefix: str,
         transfer: TransferConfig,
         create_bucket: bool,
+        deadline: float = DEFAULT_TIMEOUTS[3],
     ) -> None:
         self._session = session
+        self._deadline = deadline
         self._client = client
         self.bucket = bucket
         self.prefix = prefix.strip("/")
@@ -101,12 +132,13 @@ class S3Store(ArtifactStore):
         endpoint_url: str | None = None,
         create_bucket: bool = False,
         transfer: TransferConfig | None = None,
-        timeouts: tuple[float, float, int | None] | None = None,
+        timeouts: tuple[float, float, int | None, float] | None = None,
     ) -> S3Store:
-        """`timeouts`: (connect s, read s, attempts; None: boto3's own, AWS_MAX_ATTEMPTS or 3);
+        """`timeouts`: (connect s, read s, attempts; None: boto3's own, AWS_MAX_ATTEMPTS or 3,
+        and the deadline s of a whole store call, every attempt and backoff included);
         botocore's own 60 s reads would let a hung endpoint hold every call for minutes."""
         transfer = transfer or TransferConfig()
-        connect_timeout, read_timeout, attempts = timeouts or DEFAULT_TIMEOUTS
+        connect_timeout, read_timeout, attempts, deadline = timeouts or DEFAULT_TIMEOUTS
         session = boto3.Session()  # AWS_PROFILE, AWS_* variables, ~/.aws/config + credentials
         endpoint = endpoint_url or _configured_endpoint_url(session)
         botocore_config = Config(
@@ -122,7 +154,10 @@ class S3Store(ArtifactStore):
             s3={"addressing_style": "path"} if endpoint else None,
         )
         client = session.client("s3", endpoint_url=endpoint, config=botocore_config)
-        return cls(session, client, bucket, prefix, transfer, create_bucket)
+        client.meta.events.register(
+            "before-send.s3", functools.partial(_bound_attempt, read_timeout)
+        )
+        return cls(session, client, bucket, prefix, transfer, create_bucket, deadline)
 
     def child(self, prefix: str) -> S3Store:
         return S3Store(
@@ -132,6 +167,7 @@ class S3Store(ArtifactStore):
             self._key(str(safe_relative(prefix))),
             self._transfer,
             self._create_bucket,
+            self._deadline,
         )
 
     def _key(self, key: str) -> str:
@@ -147,10 +183,19 @@ class S3Store(ArtifactStore):
 
     @contextlib.contextmanager
     def _errors(self, action: str, key: str = "") -> Iterator[None]:
-        """Turn boto3's exceptions into one-line StoreErrors (never showing the secret)."""
+        """One store call: its deadline (unless an outer call's applies), and boto3's
+        exceptions as one-line StoreErrors (never showing the secret)."""
         target = self.key_uri(key) if key else self.uri
+        token = None
+        if _CALL_DEADLINE.get() is None:
+            token = _CALL_DEADLINE.set(time.monotonic() + self._deadline)
         try:
             yield
+        except _DeadlinePassed:
+            raise StoreError(
+                f"cannot reach S3 endpoint {self.endpoint} to {action} {target}: no answer "
+                f"within the {self._deadline:g} s deadline of a store call (--s3-call-deadline)"
+            ) from None
         except ClientError as exc:
             error = exc.response.get("Error", {})
             code = error.get("Code", "")
@@ -182,6 +227,9 @@ class S3Store(ArtifactStore):
             ) from exc
         except BotoCoreError as exc:
             raise StoreError(f"cannot {action} {target} at {self.endpoint}: {exc}") from exc
+        finally:
+            if token is not None:
+                _CALL_DEADLINE.reset(token)
 
     def _missing_bucket_message(self) -> str:
         return (
@@ -269,12 +317,21 @@ class S3Store(ArtifactStore):
                 size += len(chunk)
         return ObjectInfo(size, digest.hexdigest())
 
-    def get(self, key: str) -> Blob | None:
+    def get(self, key: str, max_bytes: int = MAX_DOCUMENT_BYTES) -> Blob | None:
         with self._errors("read", key):
             response = self._get_object(key)
             if response is None:
                 return None
-            return Blob(response["Body"].read(), response["ETag"])
+            with contextlib.closing(response["Body"]) as body:
+                # Streamed, never whole: the size is checked before a byte is read, and the
+                # read stops one byte past the bound whatever Content-Length claimed.
+                size = response.get("ContentLength")
+                if size is not None and size > max_bytes:
+                    raise too_large(self.key_uri(key), size, max_bytes)
+                data = body.read(max_bytes + 1)
+            if len(data) > max_bytes:
+                raise too_large(self.key_uri(key), None, max_bytes)
+            return Blob(data, response["ETag"])
 
     def put(
         self, key: str, data: bytes, *, if_match: str | None = None, if_none_match: bool = False
@@ -353,6 +410,23 @@ class S3Store(ArtifactStore):
             ]
             for future in futures:
                 future.result()
+
+    def delete(self, keys: Sequence[str]) -> None:
+        for start in range(0, len(keys), _DELETE_BATCH):
+            batch = keys[start : start + _DELETE_BATCH]
+            with self._errors("delete from"):
+                response = self._client.delete_objects(
+                    Bucket=self.bucket,
+                    Delete={"Objects": [{"Key": self._key(k)} for k in batch], "Quiet": True},
+                )
+            errors = response.get("Errors", [])
+            if errors:
+                first = errors[0]
+                raise StoreError(
+                    f"cannot delete s3://{self.bucket}/{first.get('Key', '?')} at {self.endpoint}: "
+                    f"{first.get('Code', '')} {first.get('Message', '')} (and "
+                    f"{len(errors) - 1} more)"
+                )
 
     def _download(self, targets: Mapping[str, tuple[Path, ObjectInfo | None]]) -> None:
         with (
