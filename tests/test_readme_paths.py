@@ -17,10 +17,6 @@ PATH_CHARS = re.compile(r"^[A-Za-z0-9_.\-/]+$")
 SPAN = re.compile(r"`([^`\n]+)`|\]\(([^)\s#]+)\)")
 # Files a README tells the reader to create (`cp docker/.env.example docker/.env`).
 MADE_BY_THE_READER = {"docker/.env"}
-# Stale names reported to k8s/README.md's owner (issue 22): `python -m tasks.train` names a
-# package without __main__ (the rank module is tasks.train.rank). Listed here until fixed there;
-# the test fails once they are fixed, so that the entry goes.
-REPORTED_STALE = {("k8s/README.md", "tasks.train")}
 MODULE_RUN = re.compile(r"python -m ([A-Za-z_][\w.]*)")
 TEST_REF = re.compile(r"^(?:(?P<file>[\w./-]+\.py))?::(?P<name>test_\w+)$")
 
@@ -97,7 +93,7 @@ def test_every_module_a_readme_runs_exists() -> None:
         and not any(part.isupper() for part in module.split("."))  # bench.NAME: a placeholder
         and not runnable(module)
     }
-    assert stale == REPORTED_STALE
+    assert not stale, stale
 
 
 def test_the_checks_see_what_they_check() -> None:
