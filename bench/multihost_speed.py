@@ -10,7 +10,11 @@ Columns: s/epoch (median of the epochs), ratio to np=1. This kernel has no `nete
 discipline, so link latency cannot be added: the two-host row crosses a veth bridge on one
 machine, the best case of a real network.
 
-Run: .venv/bin/python -m bench.multihost_speed [--epochs 3]
+Each row is preceded by a 2 s look at the machine (load average, other processes' CPU; the
+containers' own work cannot be told apart from others' while they run), printed below the
+table; rows that did not start on a quiet machine are warned about (bench.quiet).
+
+Run: .venv/bin/python -m bench.multihost_speed [--epochs 3] [--repeats 1]
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import statistics
 import subprocess
 import uuid
 
+from bench.quiet import Load, load_before, warn_if_loaded
 from bench.table import print_ratio_table
 
 IMAGE = os.environ.get("PIPELINE_TEST_IMAGE", "fashion-pipeline:0.1.0")
@@ -114,17 +119,30 @@ def two_hosts(bench: Bench, epochs: int) -> list[float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=3, help="epochs per row (median taken)")
+    parser.add_argument("--repeats", type=int, default=1, help="interleaved rounds of the rows")
     args = parser.parse_args()
+    variants = {
+        "np=1, one host (2 cores)": lambda bench: one_host(bench, 1, args.epochs),
+        "np=2, one host (2 cores)": lambda bench: one_host(bench, 2, args.epochs),
+        "np=2, two hosts (1 core each)": lambda bench: two_hosts(bench, args.epochs),
+    }
+    seconds: dict[str, list[float]] = {name: [] for name in variants}
+    loads: dict[str, Load] = {}
+    start = load_before()
     with Bench() as bench:
-        rows = {
-            "np=1, one host (2 cores)": one_host(bench, 1, args.epochs),
-            "np=2, one host (2 cores)": one_host(bench, 2, args.epochs),
-            "np=2, two hosts (1 core each)": two_hosts(bench, args.epochs),
-        }
-    per_epoch = {name: statistics.median(seconds) for name, seconds in rows.items()}
+        for repeat in range(args.repeats):  # ABC ABC ...: a drift of the machine hits all rows
+            for name, run in variants.items():
+                loads[f"{name}, round {repeat + 1}"] = load_before()
+                seconds[name].append(statistics.median(run(bench)))
+    per_epoch = {name: statistics.median(values) for name, values in seconds.items()}
     base = per_epoch["np=1, one host (2 cores)"]
-    print(f"train step in containers ({IMAGE}), {args.epochs} epochs a row, median s/epoch\n")
+    print(f"train step in containers ({IMAGE}), {args.epochs} epochs a row, median s/epoch")
+    print(f"(median of {args.repeats} interleaved round(s))\n")
     print_ratio_table("variant", "s/epoch", per_epoch, base, "vs np=1")
+    print()
+    for name, load in loads.items():
+        print(f"- before {name}: {load.describe()}")
+    warn_if_loaded(loads, start)
 
 
 if __name__ == "__main__":
