@@ -18,9 +18,9 @@ from pathlib import Path
 import pytest
 
 from tests.docker_support import DEBIAN_DATA
-from tests.k8s_cluster import KUBECTL, Cluster
+from tests.k8s_cluster import Cluster
 from tests.prefect_server import background, wait_for
-from tests.support.k8s_deploy import NAMESPACE, Deployment, deploy_dev, store_answers
+from tests.support.k8s_deploy import NAMESPACE, Deployment, deploy_dev, port_forward, store_answers
 from tests.support.seaweedfs import WEED, S3Server, free_port, seaweedfs
 
 # Prefect's test and temporary servers: no usage telemetry (unreachable here, and its start-up
@@ -96,8 +96,7 @@ def dev(k8s_cluster: Cluster, tmp_path_factory) -> Iterator[Deployment]:
         pytest.fail(f"namespace {NAMESPACE} exists on your cluster; the tests create and delete it")
     home = tmp_path_factory.mktemp("k8s-dev")
     port = free_port()
-    forward = [str(KUBECTL), "--kubeconfig", str(k8s_cluster.kubeconfig), "-n", NAMESPACE]
-    forward += ["port-forward", "--address", "127.0.0.1", "svc/seaweedfs", f"{port}:8333"]
+    forward = port_forward(k8s_cluster, "seaweedfs", port, 8333)
     try:
         deployment = deploy_dev(k8s_cluster, home, port)
         with background(forward, dict(os.environ), home / "port-forward.log"):

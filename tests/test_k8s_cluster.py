@@ -34,7 +34,6 @@ from tests.support.k8s_deploy import (
     set_config,
     training_run,
 )
-from tests.support.k8s_render import find_object
 
 # The first test's setup may build the images (minutes on a cold Docker cache).
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(2400)]
@@ -149,7 +148,7 @@ def test_the_cronjob_runs_on_demand_and_on_its_own_schedule(dev):
 
 
 def test_a_pod_killed_mid_training_is_retried_and_resumes_the_same_run(dev):
-    config = find_object(dev.objects, "fashion-pipeline-config", "ConfigMap")["data"]
+    config = dev.config
     before = latest_run(dev)
     published = {r for r, names in run_prefixes(dev).items() if "manifest.json" in names}
     # Long enough a training to be caught in the middle (5 epochs take ~1 s here).

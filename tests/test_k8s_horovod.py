@@ -39,7 +39,6 @@ from tests.support.k8s_deploy import (
     set_config,
     store_key,
 )
-from tests.support.k8s_render import find_object
 
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(2400)]
 
@@ -51,7 +50,7 @@ INDEX_LABEL = "batch.kubernetes.io/job-completion-index"
 
 @pytest.fixture(scope="module")
 def horovod(dev: Deployment) -> Iterator[Deployment]:
-    config = find_object(dev.objects, "fashion-pipeline-config", "ConfigMap")["data"]
+    config = dev.config
     set_config(dev, PIPELINE_EPOCHS=str(EPOCHS))
     try:
         yield dev

@@ -17,9 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import yaml
 
-from tests.k8s_cluster import KUBECTL
 from tests.prefect_server import REPO, api, background, prefect, wait_for
 from tests.support.k8s_deploy import (
     NAMESPACE,
@@ -28,7 +26,8 @@ from tests.support.k8s_deploy import (
     artifacts,
     job_outcome,
     latest_run,
-    pipeline_image,
+    port_forward,
+    server_manifest,
 )
 from tests.support.seaweedfs import free_port
 
@@ -48,16 +47,14 @@ def worker(dev: Deployment, tmp_path_factory) -> Iterator[dict[str, str]]:
     """The in-cluster Prefect server, the Secret that names it, the worker Deployment running
     and its pool created; yields the environment of a `prefect` CLI on this host."""
     home = tmp_path_factory.mktemp("k8s-prefect")
-    objects = list(yaml.safe_load_all(SERVER_MANIFEST.read_text()))
-    objects[0]["spec"]["template"]["spec"]["containers"][0]["image"] = pipeline_image(dev)
-    dev.kubectl("apply", "-f", "-", input="\n---\n".join(map(yaml.safe_dump, objects)))
+    server = server_manifest(dev, SERVER_MANIFEST)
+    dev.kubectl("apply", "-f", "-", input=server)
     secret_file = home / "prefect.env"  # as k8s/secrets/prefect.example.env describes it
     secret_file.write_text(f"PREFECT_API_URL={IN_CLUSTER_API}\n")
     create = ["create", "secret", "generic", "fashion-pipeline-prefect"]
     dev.kubectl(*create, f"--from-env-file={secret_file}")
     port = free_port()
-    forward = [str(KUBECTL), "--kubeconfig", str(dev.cluster.kubeconfig), "-n", NAMESPACE]
-    forward += ["port-forward", "--address", "127.0.0.1", "svc/prefect-server", f"{port}:4200"]
+    forward = port_forward(dev.cluster, "prefect-server", port, 4200)
     inherited = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "AWS_"))}
     env = {
         **inherited,
@@ -86,7 +83,7 @@ def worker(dev: Deployment, tmp_path_factory) -> Iterator[dict[str, str]]:
         # Later pods run with Prefect's temporary server again, as before this module.
         dev.kubectl("delete", "secret", "fashion-pipeline-prefect", "--ignore-not-found")
         dev.kubectl("scale", "deploy/fashion-pipeline-worker", "--replicas=0")
-        dev.kubectl("delete", "-f", "-", input="\n---\n".join(map(yaml.safe_dump, objects)))
+        dev.kubectl("delete", "-f", "-", input=server)
 
 
 def pool_exists(env: dict[str, str]) -> bool:

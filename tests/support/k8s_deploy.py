@@ -23,7 +23,7 @@ import yaml
 from botocore.config import Config
 
 from tests.docker_support import DEBIAN_DATA
-from tests.k8s_cluster import Cluster
+from tests.k8s_cluster import KUBECTL, Cluster
 from tests.prefect_server import wait_for
 from tests.support.k8s_render import K8S_DIR, find_object, render
 
@@ -54,6 +54,11 @@ class Deployment:
 
     def json(self, *args: str) -> dict:
         return self.cluster.json("-n", NAMESPACE, *args)
+
+    @property
+    def config(self) -> dict[str, str]:
+        """The overlay's ConfigMap, as rendered (the pipeline's settings before any patch)."""
+        return find_object(self.objects, "fashion-pipeline-config", "ConfigMap")["data"]
 
     def s3(self):
         return boto3.client(
@@ -101,11 +106,24 @@ def pipeline_image(deployment: Deployment) -> str:
     return cronjob["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]["image"]
 
 
+def server_manifest(deployment: Deployment, path: Path) -> str:
+    """A test server's manifest (its first object a Deployment) running the pipeline image."""
+    objects = list(yaml.safe_load_all(path.read_text()))
+    objects[0]["spec"]["template"]["spec"]["containers"][0]["image"] = pipeline_image(deployment)
+    return "\n---\n".join(map(yaml.safe_dump, objects))
+
+
+def port_forward(cluster: Cluster, service: str, local: int, remote: int) -> list[str]:
+    """`kubectl port-forward` of a Service of the namespace to 127.0.0.1:`local`."""
+    return [
+        str(KUBECTL), "--kubeconfig", str(cluster.kubeconfig), "-n", NAMESPACE,
+        "port-forward", "--address", "127.0.0.1", f"svc/{service}", f"{local}:{remote}",
+    ]  # fmt: skip
+
+
 def start_mirror(deployment: Deployment) -> None:
     """The test's dataset mirror in the namespace, serving Debian's copy of the data set."""
-    objects = list(yaml.safe_load_all(MIRROR_MANIFEST.read_text()))
-    objects[0]["spec"]["template"]["spec"]["containers"][0]["image"] = pipeline_image(deployment)
-    deployment.kubectl("apply", "-f", "-", input="\n---\n".join(map(yaml.safe_dump, objects)))
+    deployment.kubectl("apply", "-f", "-", input=server_manifest(deployment, MIRROR_MANIFEST))
     deployment.kubectl(
         "rollout",
         "status",
@@ -127,8 +145,7 @@ def start_mirror(deployment: Deployment) -> None:
             f"cat > /srv/mirror/{path.name}",
             input=path.read_bytes(),
         )
-    patch = {"data": {"PIPELINE_MIRRORS": json.dumps([MIRROR_URL])}}
-    deployment.kubectl("patch", "configmap", "fashion-pipeline-config", "-p", json.dumps(patch))
+    set_config(deployment, PIPELINE_MIRRORS=json.dumps([MIRROR_URL]))
 
 
 def deploy_dev(cluster: Cluster, home: Path, store_port: int) -> Deployment:
@@ -201,11 +218,10 @@ def store_key(deployment: Deployment, name: str) -> tuple[str, str]:
 
 def latest_run(deployment: Deployment) -> str | None:
     bucket, key = store_key(deployment, "latest.json")
+    s3 = deployment.s3()
     try:
-        body = deployment.s3().get_object(Bucket=bucket, Key=key)["Body"].read()
-    except deployment.s3().exceptions.NoSuchKey:
-        return None
-    except deployment.s3().exceptions.NoSuchBucket:
+        body = s3.get_object(Bucket=bucket, Key=key)["Body"].read()
+    except (s3.exceptions.NoSuchKey, s3.exceptions.NoSuchBucket):
         return None
     return json.loads(body)["run_id"]
 
