@@ -151,7 +151,9 @@ def test_a_pod_killed_mid_training_is_retried_and_resumes_the_same_run(dev):
     config = dev.config
     before = latest_run(dev)
     published = {r for r, names in run_prefixes(dev).items() if "manifest.json" in names}
-    # Long enough a training to be caught in the middle (5 epochs take ~1 s here).
+    # Long enough a training to be caught in the middle (5 epochs take ~1 s here). Kept until
+    # the Job has ended: the retried pod reads the ConfigMap when it is created, and a resume
+    # with fewer epochs than its checkpoint is (rightly) refused.
     set_config(dev, PIPELINE_EPOCHS="40")
     try:
         create_run_once(dev)
@@ -159,10 +161,10 @@ def test_a_pod_killed_mid_training_is_retried_and_resumes_the_same_run(dev):
         first = running_pod(dev, "fashion-pipeline-once")
         killed = wait_for(lambda: training_run(dev, published), RUN_TIMEOUT_S, "training")
         dev.kubectl("delete", "pod", first, "--grace-period=0", "--force")
+        outcome = job_outcome(dev, "fashion-pipeline-once")
     finally:
         set_config(dev, PIPELINE_EPOCHS=config["PIPELINE_EPOCHS"])
 
-    outcome = job_outcome(dev, "fashion-pipeline-once")
     status = dev.json("get", "job", "fashion-pipeline-once")["status"]
     log = job_log(dev, "fashion-pipeline-once")
     assert outcome == "Complete", log[-4000:]
