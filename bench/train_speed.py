@@ -4,7 +4,7 @@ Rows, all training the seed model (Dense(10), Normal(0.01), SGD lr 0.1, batch 25
 Fashion-MNIST and measuring test accuracy after every epoch, as the seed does:
   d2l loop     the seed's `train_ch3`: per-sample ToTensor transform, gluon DataLoader
                (d2l's 4 workers), un-hybridized net, `float(...)` metrics every batch
-  trainer np=N this project's train step, `train(config, data_uri)` with real horovodrun
+  trainer np=N this project's train step, `train(config)` with real horovodrun
   numpy floor  the same forward/backward/update in plain numpy, one process: what the
                arithmetic costs with no framework at all
 Columns: s/epoch (median of the epochs), speed-up over the d2l loop, test accuracy after the
@@ -46,6 +46,7 @@ from bench.exchange import hvd_allreduce_us, raw_exchange_us
 from bench.quiet import Load, LoadWatch, load_before, warn_if_loaded
 from bench.table import print_ratio_table
 from pipeline.base.config import PipelineConfig
+from pipeline.base.uris import local_path
 from tasks.dataset import DEBIAN_DATA_DIR, FashionMNIST, load_dataset, prepare_dataset
 from tasks.train.sharding import epoch_permutation, global_batches
 from tasks.train.step import train
@@ -180,13 +181,17 @@ class RankPeakRss(threading.Thread):
 
 def trainer_row(num_proc: int, data_uri: str, work_dir: Path, epochs: int) -> dict:
     config = PipelineConfig(
-        num_proc=num_proc, epochs=epochs, work_dir=work_dir, run_id=f"np{num_proc}"
+        num_proc=num_proc,
+        epochs=epochs,
+        work_dir=work_dir,
+        data_dir=local_path(data_uri),
+        run_id=f"np{num_proc}",
     )
     run_dir = config.run_dir().resolve()
     poller = RankPeakRss(run_dir)
     poller.start()
     try:
-        train(config, data_uri)
+        train(config)
     finally:
         poller.done.set()
         poller.join()

@@ -152,10 +152,11 @@ Adder = Callable[[str, Callable, Sequence[str]], argparse.ArgumentParser]
 
 
 def _step_options(sub: argparse.ArgumentParser) -> None:
-    sub.add_argument("step", choices=["dataset", "train", "evaluate", "publish"])
-    sub.add_argument("--data-uri", help="dataset cache URI (default: from --data-dir)")
     sub.add_argument(
-        "--run-dir-uri", help="run directory URI (default: WORK_DIR/RUN_ID from --work-dir)"
+        "step",
+        choices=["dataset", "train", "evaluate", "publish"],
+        help="the step; it reads the dataset cache from --data-dir and the run directory "
+        "WORK_DIR/RUN_ID from --work-dir and --run-id, as the flow's steps do",
     )
 
 

@@ -57,15 +57,16 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_step(args: argparse.Namespace) -> int:
     """run one step alone and print its output URI (each step can run in its own container:
-    they share only the dataset cache, the work dir and the artifact store)"""
-    from pipeline.flow import step_call
+    they share only the dataset cache (--data-dir), the work dir (--work-dir) and the
+    artifact store, all named by the same options)"""
+    from pipeline.flow import step_output, step_task
 
     config = config_from(args)
     if config.run_id is None and args.step != "dataset":
         print("error: --run-id is required: it names the run the steps share", file=sys.stderr)
         return EXIT_USAGE
-    step_task, step_args = step_call(args.step, config, args.data_uri, args.run_dir_uri)
-    print(step_task.fn(*step_args))  # the step's output URI, the only line on stdout
+    step_task(args.step, config).fn(config)
+    print(step_output(args.step, config))  # the only line on stdout
     return 0
 
 
@@ -111,9 +112,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from tasks.evaluate.step import evaluate_model
 
     config = config_from(args)
-    data_uri = prepare_dataset(config)
+    prepare_dataset(config)
     out_dir = args.out or (config.work_dir / "evaluations" / Path(args.model.rstrip("/")).name)
-    metrics = evaluate_model(args.model, data_uri, Path(out_dir), config)
+    metrics = evaluate_model(args.model, Path(out_dir), config)
     print(f"accuracy {metrics['accuracy']:.4f}  mean loss {metrics['mean_loss']:.4f}")
     print(f"report   {Path(out_dir).resolve() / 'report.md'}")
     check_gate(metrics)  # below the gate: one error line, exit 1

@@ -1,10 +1,11 @@
 """The Prefect flows: the pipeline (dataset -> train -> evaluate -> publish) and one step alone.
 
-Steps exchange only URIs (the dataset cache, the run directory, the published run), so each
-can run in its own process, container or Kubernetes job. Orchestration concerns (retries,
-caching) live here; the steps in `tasks/` are plain functions that know nothing of Prefect's
-decorators. Each step's module is imported inside its task: this process loads MXNet and
-Horovod only when it trains or evaluates itself.
+Steps exchange only the config: each finds its inputs where the config says (the dataset
+cache, the run directory, the store), so each can run in its own process, container or
+Kubernetes job. Orchestration concerns (retries, caching, timeouts) live here; the steps in
+`tasks/` are plain functions that know nothing of Prefect's decorators. Each step's module is
+imported inside its task: this process loads MXNet and Horovod only when it trains or
+evaluates itself.
 """
 
 from __future__ import annotations
@@ -97,63 +98,67 @@ def _worth_retrying(task: Task, task_run: TaskRun, state: State) -> bool:
     retry_condition_fn=_worth_retrying,
     cache_key_fn=_dataset_cache_key,
 )
-def dataset_step(config: PipelineConfig) -> str:
+def dataset_step(config: PipelineConfig) -> None:
     from tasks.dataset import prepare_dataset
 
-    return prepare_dataset(config)
+    prepare_dataset(config)
 
 
 # No retries: a retry would train from scratch; `--resume` continues from the checkpoint.
 @task(name="train")
-def train_step(config: PipelineConfig, data_uri: str) -> str:
+def train_step(config: PipelineConfig) -> None:
     from pipeline.progress import TrainingProgress
     from tasks.train.step import train
 
-    return train(config, data_uri, on_output=TrainingProgress(config.epochs, config.run_id))
+    train(config, on_epoch=TrainingProgress(config.epochs, config.run_id))
 
 
 @task(name="evaluate")
-def evaluate_step(config: PipelineConfig, data_uri: str, run_dir_uri: str) -> str:
-    evaluate = importlib.import_module(EVALUATE_MODULE).evaluate
-    return evaluate(config, data_uri, run_dir_uri)
+def evaluate_step(config: PipelineConfig) -> None:
+    importlib.import_module(EVALUATE_MODULE).evaluate(config)
 
 
 @task(name="publish", retries=2, retry_delay_seconds=10, retry_condition_fn=_worth_retrying)
-def publish_step(config: PipelineConfig, data_uri: str, run_dir_uri: str) -> str:
+def publish_step(config: PipelineConfig) -> None:
     from tasks.publish.step import publish
 
-    return publish(config, data_uri, run_dir_uri)
+    publish(config)
 
 
-def step_call(
-    step: StepName,
-    config: PipelineConfig,
-    data_uri: str | None = None,
-    run_dir_uri: str | None = None,
-) -> tuple[Task, tuple]:
-    """The task of `step` (with its configured timeout) and its arguments; URIs not given are
-    derived from the config."""
-    data_uri = data_uri or config.data_uri()
-    run_dir_uri = (run_dir_uri or config.run_dir_uri()) if step != "dataset" else None
-    step_task, args = {
-        "dataset": (dataset_step, (config,)),
-        "train": (train_step, (config, data_uri)),
-        "evaluate": (evaluate_step, (config, data_uri, run_dir_uri)),
-        "publish": (publish_step, (config, data_uri, run_dir_uri)),
-    }[step]
-    return step_task.with_options(timeout_seconds=config.step_timeout(step)), args
+STEP_TASKS: dict[StepName, Task] = {
+    "dataset": dataset_step,
+    "train": train_step,
+    "evaluate": evaluate_step,
+    "publish": publish_step,
+}
+
+
+def step_task(step: StepName, config: PipelineConfig) -> Task:
+    """The task of `step`, bounded by its configured timeout (`<step>_timeout`, per attempt)."""
+    return STEP_TASKS[step].with_options(timeout_seconds=config.step_timeout(step))
+
+
+def step_output(step: StepName, config: PipelineConfig) -> str:
+    """Where `step` leaves what it made, as the config says: the dataset cache, the run
+    directory (train, evaluate), or the published run."""
+    if step == "dataset":
+        return config.data_uri()
+    if step == "publish":
+        return published_uri(config)
+    return config.run_dir_uri()
+
+
+def published_uri(config: PipelineConfig) -> str:
+    """The URI of this run in the artifact store."""
+    store = open_store(config.artifact_store, **config.store_options())
+    return store.child(layout.run_key(config.run_id)).uri
 
 
 @flow(name="pipeline-step")
-def pipeline_step(
-    step: StepName,
-    config: PipelineConfig,
-    data_uri: str | None = None,
-    run_dir_uri: str | None = None,
-) -> str:
-    """One step of the pipeline as its own flow run (a per-step deployment: its own container)."""
-    step_task, args = step_call(step, config, data_uri, run_dir_uri)
-    return step_task(*args)
+def pipeline_step(step: StepName, config: PipelineConfig) -> None:
+    """One step of the pipeline as its own flow run (a per-step deployment: its own container).
+    The config is the whole contract: the step finds its inputs where the config says."""
+    step_task(step, config)(config)
 
 
 # --- running the steps: inline, or each as its own flow run ---------------------------------
@@ -163,8 +168,8 @@ class StepRunner:
     """Runs the steps of one pipeline run and times them.
 
     inline: each step is a task of this flow run. deployments: each step is a flow run of
-    `config.step_deployment` (its own container on a docker or kubernetes work pool); it
-    derives its input URIs from the same config, so only the config crosses over.
+    `config.step_deployment` (its own container on a docker or kubernetes work pool). Either
+    way only the config crosses over: every step finds its inputs where the config says.
     """
 
     def __init__(self, config: PipelineConfig) -> None:
@@ -172,16 +177,14 @@ class StepRunner:
         self.seconds: dict[str, float] = {}
         self.current: StepName | None = None  # the step running, or the last one run
 
-    def __call__(
-        self, step: StepName, data_uri: str | None = None, run_dir_uri: str | None = None
-    ) -> str | None:
+    def __call__(self, step: StepName) -> None:
         start = time.perf_counter()
         self.current = step
         try:
             if self.config.step_runner == "deployments":
-                return self._as_flow_run(step)
-            step_task, args = step_call(step, self.config, data_uri, run_dir_uri)
-            return step_task(*args)
+                self._as_flow_run(step)
+            else:
+                step_task(step, self.config)(self.config)
         except TaskRunTimeoutError as exc:  # the step's own deadline (`<step>_timeout`)
             raise StepFailed(
                 f"step {step} did not finish within its {step}_timeout of "
@@ -209,7 +212,6 @@ class StepRunner:
         if not flow_run.state or not flow_run.state.is_completed():
             message = flow_run.state.message if flow_run.state else "no state"
             raise StepFailed(f"step {step} (flow run {flow_run.name}) did not complete: {message}")
-        return None
 
 
 def _summary(config: PipelineConfig, seconds: dict[str, float]) -> tuple[RunSummary, dict]:
@@ -224,9 +226,7 @@ def _summary(config: PipelineConfig, seconds: dict[str, float]) -> tuple[RunSumm
         test_accuracy=metrics["accuracy"],
         gate_threshold=metrics["gate"]["threshold"],
         gate_passed=metrics["gate"]["passed"],
-        published_uri=open_store(config.artifact_store, **config.store_options())
-        .child(layout.run_key(config.run_id))
-        .uri,
+        published_uri=published_uri(config),
         step_seconds=seconds,
         flow_run_url=_flow_run_url(),
     )
@@ -248,18 +248,18 @@ def training_pipeline(config: PipelineConfig | None = None) -> RunSummary | None
     step = StepRunner(config)
     # A failure (or a missed gate) leaves failure.json in the store and calls notify_url.
     with failures_reported(config, step):
-        data_uri = step("dataset")
+        step("dataset")
         if config.step_runner == "inline" and config.is_coordinator():
             # This process only waits while its ranks train: load evaluate's MXNet and
             # matplotlib (~3 s) meanwhile instead of after.
             threading.Thread(
                 target=importlib.import_module, args=(EVALUATE_MODULE,), daemon=True
             ).start()
-        run_dir_uri = step("train", data_uri)
+        step("train")
         if not config.is_coordinator():
             return None  # this host only contributed its Horovod ranks; host 0 goes on
-        step("evaluate", data_uri, run_dir_uri)
-        step("publish", data_uri, run_dir_uri)
+        step("evaluate")
+        step("publish")
 
         summary, metrics = _summary(config, step.seconds)
         check_gate(

@@ -1,8 +1,8 @@
 """Training progress a person can watch: a Prefect progress artifact, and a bar on a terminal.
 
-The train step hands each line rank 0 prints to `TrainingProgress`; epoch lines move the
-artifact (Prefect's UI shows how far training is) and, when stderr is a terminal, a bar. Logs
-and CI (not a terminal) get neither: the epoch lines are already in the log.
+The train step hands each epoch rank 0 finishes (a typed `EpochDone`) to `TrainingProgress`;
+each moves the artifact (Prefect's UI shows how far training is) and, when stderr is a
+terminal, a bar. Logs and CI (not a terminal) get neither: the epoch lines are already in the log.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import sys
 from typing import TextIO
 
 from pipeline.base.logs import in_prefect_run
-from tasks.train.history import parse_epoch_line
+from tasks.train.messages import EpochDone
 
 ARTIFACT_KEY = "training-progress"
 BAR_WIDTH = 30
@@ -30,7 +30,7 @@ def wants_bar(stream: TextIO) -> bool:
 
 
 class TrainingProgress:
-    """Receives rank 0's output lines; reports each finished epoch."""
+    """Receives rank 0's finished epochs; reports each."""
 
     def __init__(self, epochs: int, run_id: str, stream: TextIO = sys.stderr) -> None:
         self.epochs = epochs
@@ -43,11 +43,8 @@ class TrainingProgress:
                 0.0, key=ARTIFACT_KEY, description=f"Training of run {run_id}: epochs done"
             )
 
-    def __call__(self, line: str) -> None:
-        parsed = parse_epoch_line(line)
-        if parsed is None:
-            return
-        epoch, epochs = parsed
+    def __call__(self, message: EpochDone) -> None:
+        epoch, epochs = message.epoch, message.epochs
         if self.artifact_id is not None:
             from prefect.artifacts import update_progress_artifact
 

@@ -8,8 +8,6 @@ from __future__ import annotations
 import hashlib
 import os
 from pathlib import Path
-from urllib.parse import urlparse
-from urllib.request import url2pathname
 
 import pytest
 
@@ -27,6 +25,7 @@ from tasks.train.checkpoints import (
     write_pointer,
 )
 from tasks.train.store_checkpoints import expired_files, mirror_checkpoint, restore_checkpoint
+from tests.support.steps import trained
 
 DEBIAN_MIRROR = "file:///usr/share/datasets/fashion-mnist/"
 BEST_EPOCH = 3  # validation picked an early epoch: resume needs its weights, however old
@@ -96,7 +95,6 @@ def test_expired_files_keep_newer_epochs_and_what_the_pointer_names(tmp_path: Pa
 
 @pytest.mark.timeout(600)
 def test_a_real_training_keeps_only_the_configured_epochs_in_the_store(tmp_path: Path) -> None:
-    from tasks.train.step import train
 
     data_uri = prepare_dataset(PipelineConfig(mirrors=[DEBIAN_MIRROR], data_dir=tmp_path / "d"))
     config = PipelineConfig(
@@ -107,7 +105,7 @@ def test_a_real_training_keeps_only_the_configured_epochs_in_the_store(tmp_path:
         epochs=4,
         keep_checkpoints=1,
     )
-    run_dir = Path(url2pathname(urlparse(train(config, data_uri)).path))
+    run_dir = trained(config, data_uri)
     stored = sorted(p.name for p in (tmp_path / "store/runs/run-kept/checkpoints").iterdir())
     assert stored == ["checkpoint.json", "epoch-0004.optimizer", "epoch-0004.params"], stored
     assert sorted(p.name for p in checkpoint_dir(run_dir).iterdir()) == stored

@@ -30,7 +30,6 @@ import yaml
 
 from pipeline.base.config import PipelineConfig
 from tasks.dataset import prepare_dataset
-from tasks.train.step import train
 from tests.docker_support import (
     BUILD_TIMEOUT_S,
     DEBIAN_DATA,
@@ -41,6 +40,7 @@ from tests.docker_support import (
     image_size,
 )
 from tests.prefect_server import PREFECT, api, background, prefect
+from tests.support.steps import trained
 
 MAX_IMAGE_BYTES = 1_200_000_000  # 1.2 GB
 PIPELINE_UID = "10001"
@@ -293,7 +293,7 @@ def test_docker_kill_of_one_host_leaves_host_zero_to_finish_alone(image, docker_
         run_id="reference",
         artifact_store=(tmp_path / "store").as_uri(),
     )
-    reference_dir = Path(train(reference, prepare_dataset(reference)).removeprefix("file://"))
+    reference_dir = trained(reference, prepare_dataset(reference))
     expected = mx.nd.load(str(reference_dir / "model/model.params"))
     alone = mx.nd.load(str(run_dir / "model/model.params"))
     for name, array in expected.items():
@@ -317,7 +317,7 @@ def test_resume_in_a_new_container_restores_the_checkpoints_from_seaweedfs(
     # Two epochs on this host, checkpoints copied to SeaweedFS as they are written ...
     store = {"artifact_store": s3_store_uri, "s3_endpoint_url": s3_env.endpoint}
     first = _local_config(tmp_path, "moved", 2, **store)
-    train(first, prepare_dataset(first))
+    trained(first, prepare_dataset(first))
     # ... then a container with an empty work directory resumes the run to epoch 4.
     options, env = s3_step_environment(s3_env, s3_store_uri)
     options += ["-v", f"{cache_volume}:/cache"]
@@ -333,7 +333,7 @@ def test_resume_in_a_new_container_restores_the_checkpoints_from_seaweedfs(
     assert [json.loads(line)["epoch"] for line in history] == [1, 2, 3, 4]
 
     uninterrupted = _local_config(tmp_path, "uninterrupted", 4)
-    reference_dir = Path(train(uninterrupted, prepare_dataset(uninterrupted))[len("file://") :])
+    reference_dir = trained(uninterrupted, prepare_dataset(uninterrupted))
     expected = mx.nd.load(str(reference_dir / "model/model.params"))
     after_resume = mx.nd.load(str(tmp_path / "container-run/model/model.params"))
     for name, array in expected.items():

@@ -49,6 +49,7 @@ from tasks.evaluate.predict import TOP_K, InputError, format_predictions, predic
 from tasks.evaluate.report import CONFUSION_MATRIX, PICTURES, TRAINING_CURVES
 from tasks.evaluate.step import evaluate, evaluate_model
 from tests.support.documents import manifest_bytes
+from tests.support.steps import for_run
 
 # The Debian copy of the real data set, used as the only mirror of a per-module cache.
 DEBIAN_MIRROR = "file:///usr/share/datasets/fashion-mnist/"
@@ -152,8 +153,8 @@ def report_dir(
     config = PipelineConfig(
         work_dir=tmp_path_factory.mktemp("work"), min_test_accuracy=PASSING_THRESHOLD
     )
-    report_uri = evaluate(config, data_uri, trained_run.run_dir.as_uri())
-    assert report_uri == (trained_run.run_dir / "report").resolve().as_uri()
+    evaluate(for_run(config, data_uri, trained_run.run_dir.as_uri()))
+    assert (trained_run.run_dir / "report" / "metrics.json").is_file()  # the step's output
     return trained_run.run_dir / "report"
 
 
@@ -324,7 +325,7 @@ def test_failing_gate_on_a_model_only_run_dir(
     config = PipelineConfig(work_dir=tmp_path, min_test_accuracy=threshold)
 
     out_dir = tmp_path / "evaluation"
-    metrics = evaluate_model(str(run_dir), data_uri, out_dir, config)
+    metrics = evaluate_model(str(run_dir), out_dir, for_run(config, data_uri))
 
     assert metrics["gate"] == {
         "metric": "accuracy",
@@ -443,7 +444,7 @@ def test_evaluate_and_predict_a_run_stored_in_s3(
     )
     # Without a manifest it is an unfinished publish: readers refuse it (issue 15, item 9).
     for read in (
-        lambda: evaluate_model(run_uri, data_uri, tmp_path / "report", config),
+        lambda: evaluate_model(run_uri, tmp_path / "report", for_run(config, data_uri)),
         lambda: predict(run_uri, [image_png], config),
     ):
         with pytest.raises(PipelineError) as info:
@@ -452,7 +453,7 @@ def test_evaluate_and_predict_a_run_stored_in_s3(
     manifest_key = f"{prefix}/runs/fixture-run/manifest.json"
     client.put_object(Bucket=bucket, Key=manifest_key, Body=manifest_bytes("fixture-run", objects))
 
-    metrics = evaluate_model(run_uri, data_uri, tmp_path / "report", config)
+    metrics = evaluate_model(run_uri, tmp_path / "report", for_run(config, data_uri))
     [prediction] = predict(run_uri, [image_png], config)
 
     independent = trained_run.test_logits.argmax(axis=1)
@@ -488,7 +489,7 @@ def test_missing_model_uri(
         message = _one_line(info)
         assert uri in message and "model/model-symbol.json" in message
     with pytest.raises(EvaluationError) as info:
-        evaluate_model("http://example.com/run", data_uri, tmp_path / "out", config)
+        evaluate_model("http://example.com/run", tmp_path / "out", for_run(config, data_uri))
     assert "unsupported URI scheme 'http'" in _one_line(info)
 
 
@@ -528,7 +529,7 @@ def test_corrupted_params_file(
     params.write_bytes(params.read_bytes()[: params.stat().st_size // 2])  # a cut-off download
 
     with pytest.raises(ModelFormatError) as info:
-        evaluate_model(run_dir.as_uri(), data_uri, tmp_path / "out", config)
+        evaluate_model(run_dir.as_uri(), tmp_path / "out", for_run(config, data_uri))
     message = _one_line(info)
     assert run_dir.as_uri() in message and "model-0000.params" in message
     assert "Invalid NDArray file format" in message  # MXNet's own reason, without its trace
@@ -616,12 +617,13 @@ def test_prefect_artifacts_only_inside_a_flow_run(
     # A plain call (as the CLI makes) has no run context: no artifacts (the server is shared
     # with other tests, so count what it held before).
     before = len(_artifacts())
-    evaluate_model(str(run_dir), data_uri, tmp_path / "plain", config)
+    evaluate_model(str(run_dir), tmp_path / "plain", for_run(config, data_uri))
     assert len(_artifacts()) == before
 
     @task(name="evaluate")
     def evaluate_step(run_dir_uri: str) -> str:
-        return evaluate(config, data_uri, run_dir_uri)
+        evaluate(for_run(config, data_uri, run_dir_uri))
+        return str(run_dir / "report")
 
     @flow(name="evaluate-test")
     def evaluation_flow() -> str:
@@ -698,7 +700,7 @@ def test_published_runs_are_verified_before_loading(
             predict(uri, [image_png], config)
         assert "has no manifest.json" in _one_line(info)
         with pytest.raises(PipelineError) as info:
-            evaluate_model(uri, data_uri, tmp_path / "report", config)
+            evaluate_model(uri, tmp_path / "report", for_run(config, data_uri))
         assert "has no manifest.json" in _one_line(info)
 
     objects = {}

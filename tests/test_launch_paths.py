@@ -15,8 +15,8 @@ import pytest
 
 import tasks.train.step as train_step
 from pipeline.base.config import PipelineConfig
-from pipeline.base.uris import local_path
 from tasks.dataset import prepare_dataset
+from tests.support.steps import trained
 
 DEBIAN_MIRROR = "file:///usr/share/datasets/fashion-mnist/"
 
@@ -28,7 +28,7 @@ def data_uri(tmp_path_factory) -> str:
 
 
 def trained_parameters(config: PipelineConfig, data_uri: str) -> dict[str, np.ndarray]:
-    run_dir = local_path(train_step.train(config, data_uri))
+    run_dir = trained(config, data_uri)
     loaded = mx.nd.load(str(run_dir / "model" / "model.params"))
     return {name: value.asnumpy() for name, value in loaded.items()}
 

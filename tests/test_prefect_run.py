@@ -17,7 +17,7 @@ import psutil
 import pytest
 
 from pipeline.progress import TrainingProgress, format_bar
-from tasks.train.history import format_epoch, parse_epoch_line
+from tasks.train.messages import EpochDone, Note, RankFailed, decode, encode
 from tests.prefect_server import REPO, api
 from tests.support.seaweedfs import free_port
 
@@ -171,10 +171,15 @@ def test_stopping_when_no_server_runs_says_so(tmp_path):
 # --- progress (pure) ----------------------------------------------------------------------------
 
 
-def test_epoch_lines_are_read_back_and_other_lines_ignored():
+def test_rank_messages_are_read_back_and_other_lines_ignored():
     record = {"epoch": 3, "loss": 0.5, "train_accuracy": 0.8, "test_accuracy": 0.8, "seconds": 1}
-    assert parse_epoch_line(format_epoch(record, 5)) == (3, 5)
-    assert parse_epoch_line("resuming after epoch 2 from /x") is None
+    epoch = EpochDone(epoch=3, epochs=5, record=record)
+    assert decode(encode(epoch)) == epoch
+    assert decode(encode(Note(text="resuming"))) == Note(text="resuming")
+    assert decode(encode(RankFailed(message="bad"))) == RankFailed(message="bad")
+    assert decode("epoch 3/5: loss 0.5000") is None  # a human line is no message
+    assert decode('{"type": "epoch", "epoch": 0, "epochs": 5, "record": {}}') is None  # invalid
+    assert decode("{not json") is None
 
 
 def test_bar_is_drawn_on_a_terminal_and_never_into_a_log(tmp_path):
@@ -185,9 +190,8 @@ def test_bar_is_drawn_on_a_terminal_and_never_into_a_log(tmp_path):
         env_ci = os.environ.pop("CI", None)
         try:
             progress = TrainingProgress(2, "r1", stream=terminal)
-            progress("epoch 1/2: loss 0.1")
-            progress("some other line")
-            progress("epoch 2/2: loss 0.1")
+            progress(EpochDone(epoch=1, epochs=2, record={}))
+            progress(EpochDone(epoch=2, epochs=2, record={}))
         finally:
             if env_ci is not None:
                 os.environ["CI"] = env_ci
@@ -195,5 +199,5 @@ def test_bar_is_drawn_on_a_terminal_and_never_into_a_log(tmp_path):
     os.close(leader)
     assert "epoch 1/2" in drawn and drawn.rstrip().endswith("epoch 2/2")
     log = io.StringIO()
-    TrainingProgress(2, "r1", stream=log)("epoch 1/2: loss 0.1")
+    TrainingProgress(2, "r1", stream=log)(EpochDone(epoch=1, epochs=2, record={}))
     assert log.getvalue() == ""

@@ -38,8 +38,9 @@ from pipeline.base.store.documents import Manifest, document_bytes
 from tasks.dataset import CLASS_NAMES, prepare_dataset, read_record
 from tasks.publish.artifacts import list_runs, pull_run, show_run, verify_run
 from tasks.publish.manifest import format_run_line
-from tasks.publish.step import PublishError, promote_latest, publish, publish_run
+from tasks.publish.step import PublishError, promote_latest, publish_run
 from tests.support.documents import manifest_bytes
+from tests.support.steps import for_run, published
 
 DEBIAN_MIRROR = "file:///usr/share/datasets/fashion-mnist/"
 T0 = 1_700_000_000.0  # creation time of the first test run; later runs are newer
@@ -156,7 +157,7 @@ def test_publish_then_list_show_pull_verify(
     config = with_run(store_config, "run-a")
     run_dir = make_run_dir(config, created=T0)
 
-    uri = publish(config, dataset_uri, run_dir.resolve().as_uri())
+    uri = published(config, dataset_uri, run_dir.resolve().as_uri())
 
     store = open_store(config.artifact_store, **config.store_options())
     assert uri == store.child("runs/run-a").uri
@@ -172,7 +173,8 @@ def test_publish_then_list_show_pull_verify(
         }
     assert manifest["run_id"] == "run-a"
     assert manifest["dataset"] == read_record(dataset_uri)
-    assert manifest["config"] == config.model_dump(mode="json")
+    given = for_run(config, dataset_uri, run_dir.resolve())  # the config the step was given
+    assert manifest["config"] == given.model_dump(mode="json")
     assert manifest["metrics"] == json.loads((run_dir / "report/metrics.json").read_text())
     assert manifest["code_revision"].startswith(("git:", "fashion-pipeline=="))
     assert manifest["flow_run_id"] is None  # not inside a Prefect flow run here
@@ -203,7 +205,7 @@ def test_the_training_restarts_are_recorded_in_the_manifest(
                "from_epoch": 2, "num_proc": 1}  # fmt: skip
     # A line that is not a JSON object (a torn write) is left out, not fatal.
     (run_dir / "metrics/restarts.jsonl").write_text(json.dumps(restart) + "\n[1, 2\n")
-    publish(config, dataset_uri, run_dir.resolve().as_uri())
+    published(config, dataset_uri, run_dir.resolve().as_uri())
     manifest = show_run(config, "run-restarted")
     assert manifest["restarts"] == [restart]
     assert "metrics/restarts.jsonl" in manifest["objects"]
@@ -738,7 +740,7 @@ def test_relative_file_store_uri(
     monkeypatch.chdir(tmp_path)
     config = PipelineConfig(artifact_store="file://artifacts", run_id="run-a")
     run_dir = make_run_dir(config, created=T0)  # work/run-a, relative to the cwd
-    uri = publish(config, dataset_uri, run_dir.resolve().as_uri())
+    uri = published(config, dataset_uri, run_dir.resolve().as_uri())
     assert uri == (tmp_path / "artifacts" / "runs" / "run-a").as_uri()
     assert (tmp_path / "artifacts" / "runs" / "run-a" / MANIFEST).is_file()
     assert read_latest(config)["run_id"] == "run-a"

@@ -10,14 +10,14 @@ from pathlib import Path
 import pytest
 
 from pipeline.base.config import PipelineConfig
-from tasks.publish.step import publish
+from tests.support.steps import published
 from tests.test_publish import T0, dataset_uri, make_run_dir, with_run  # noqa: F401
 
 
 def published_line(config: PipelineConfig, data_uri: str, caplog: pytest.LogCaptureFixture) -> str:
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="tasks.publish.step"):
-        publish(config, data_uri, config.run_dir().resolve().as_uri())
+        published(config, data_uri, config.run_dir().resolve().as_uri())
     [line] = [r.getMessage() for r in caplog.records if r.getMessage().startswith("published")]
     return line
 

@@ -20,8 +20,6 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from urllib.parse import urlparse
-from urllib.request import url2pathname
 
 import mxnet as mx
 import numpy as np
@@ -33,13 +31,15 @@ import tasks.train.step as train_module
 from pipeline.base.config import ConfigError, PipelineConfig
 from pipeline.base.store import open_store
 from tasks.dataset import load_dataset, prepare_dataset
-from tasks.train.history import TrainingError, best_epoch, train_summary
-from tasks.train.launcher import failure_message, parse_output_line
+from tasks.train.errors import TrainingError
+from tasks.train.history import best_epoch, train_summary
+from tasks.train.launcher import RankExit, failure_message, horovodrun_line
 from tasks.train.model import select_context
 from tasks.train.rendezvous import route_interface
 from tasks.train.sharding import epoch_permutation, global_batches, shard_bounds, split_validation
-from tasks.train.step import threads_per_rank, train
+from tasks.train.step import threads_per_rank
 from tests.support.seaweedfs import free_port
+from tests.support.steps import for_run, trained
 
 DEBIAN_MIRROR = "file:///usr/share/datasets/fashion-mnist/"
 DEADLINE_S = 300  # bound of every wait on a training process
@@ -49,8 +49,8 @@ HEAD_START_S = 3  # how long host 1 runs alone before host 0 starts
 # train() in a process of its own, as a pod (or the CLI) runs it; prints the run dir URI.
 TRAIN_SCRIPT = (
     "import sys; from pipeline.base.config import PipelineConfig; "
-    "from tasks.train.step import train; "
-    "print(train(PipelineConfig.model_validate_json(sys.argv[1]), sys.argv[2]))"
+    "from tests.support.steps import trained; "
+    "print(trained(PipelineConfig.model_validate_json(sys.argv[1]), sys.argv[2]).as_uri())"
 )
 
 
@@ -58,10 +58,6 @@ def run_config(work_dir: Path, run_id: str, **overrides) -> PipelineConfig:
     # Checkpoints are copied to the artifact store: keep it inside the test's work dir.
     overrides.setdefault("artifact_store", (work_dir / "_store").as_uri())
     return PipelineConfig(work_dir=work_dir, run_id=run_id, mirrors=[DEBIAN_MIRROR], **overrides)
-
-
-def path_of(uri: str) -> Path:
-    return Path(url2pathname(urlparse(uri).path))
 
 
 def parameters(run_dir: Path, name: str = "model.params") -> dict[str, np.ndarray]:
@@ -83,7 +79,7 @@ def rank_processes(run_dir: Path) -> list[psutil.Process]:
         cmdline = process.info["cmdline"] or []
         if (
             cmdline[1:3] == ["-m", "tasks.train.rank"]
-            and str(run_dir) in cmdline
+            and str(run_dir / ".rank-config.json") in cmdline
             and process.info["status"] != psutil.STATUS_ZOMBIE
         ):
             found.append(process)
@@ -157,7 +153,7 @@ def work_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def np1_run(work_dir: Path, data_uri: str) -> Path:
-    return path_of(train(run_config(work_dir, "np1", num_proc=1, epochs=2), data_uri))
+    return trained(run_config(work_dir, "np1", num_proc=1, epochs=2), data_uri)
 
 
 @pytest.fixture(scope="module")
@@ -169,22 +165,22 @@ def np2_run(work_dir: Path, data_uri: str) -> tuple[Path, list[str]]:
     old_level = logger.level
     logger.setLevel(logging.DEBUG)
     try:
-        uri = train(run_config(work_dir, "np2", num_proc=2, epochs=2), data_uri)
+        uri = trained(run_config(work_dir, "np2", num_proc=2, epochs=2), data_uri)
     finally:
         logger.removeHandler(capture)
         logger.setLevel(old_level)
-    return path_of(uri), capture.messages
+    return uri, capture.messages
 
 
 @pytest.fixture(scope="module")
 def np2_again(work_dir: Path, data_uri: str) -> Path:
-    return path_of(train(run_config(work_dir, "np2-again", num_proc=2, epochs=2), data_uri))
+    return trained(run_config(work_dir, "np2-again", num_proc=2, epochs=2), data_uri)
 
 
 @pytest.fixture(scope="module")
 def five_epochs(work_dir: Path, data_uri: str) -> Path:
     """The seed's full recipe (5 epochs) at two ranks, uninterrupted."""
-    return path_of(train(run_config(work_dir, "five", num_proc=2, epochs=5), data_uri))
+    return trained(run_config(work_dir, "five", num_proc=2, epochs=5), data_uri)
 
 
 @pytest.fixture(scope="module")
@@ -306,7 +302,7 @@ def test_without_restarts_a_killed_rank_fails_the_step_and_resume_ends_uninterru
     killer.start()
     try:
         with pytest.raises(TrainingError, match=r"rank 1 exited with status 137 \(SIGKILL\)"):
-            train(config, data_uri)
+            trained(config, data_uri)
     finally:
         killer.join(DEADLINE_S)
     assert outcome["killed"]
@@ -314,7 +310,7 @@ def test_without_restarts_a_killed_rank_fails_the_step_and_resume_ends_uninterru
     pointer = json.loads((run_dir / "checkpoints" / "checkpoint.json").read_text())
     assert 1 <= pointer["epoch"] < 5, "the kill did not land inside the run"
 
-    resumed = path_of(train(config.model_copy(update={"resume": True}), data_uri))
+    resumed = trained(config.model_copy(update={"resume": True}), data_uri)
     assert [record["epoch"] for record in history(resumed)] == [1, 2, 3, 4, 5]
     uninterrupted, after_resume = parameters(five_epochs), parameters(resumed)
     for key in uninterrupted:
@@ -333,7 +329,7 @@ def test_a_killed_rank_is_restarted_from_the_last_checkpoint_with_the_ranks_left
     logger.addHandler(capture)
     killer.start()
     try:
-        finished = path_of(train(config, data_uri))  # completes by itself
+        finished = trained(config, data_uri)  # completes by itself
     finally:
         killer.join(DEADLINE_S)
         logger.removeHandler(capture)
@@ -345,7 +341,8 @@ def test_a_killed_rank_is_restarted_from_the_last_checkpoint_with_the_ranks_left
     assert 1 <= restarts[0]["from_epoch"] < 5 and restarts[0]["num_proc"] == 1
     # Issue 22, item 4: one run, one config: the one asked for (num_proc 2, resume false), as
     # publish records it in the manifest; the restart is recorded beside it, not rewritten in.
-    assert json.loads((run_dir / "config.json").read_text()) == config.model_dump(mode="json")
+    asked = for_run(config, data_uri)  # the config the step was given
+    assert json.loads((run_dir / "config.json").read_text()) == asked.model_dump(mode="json")
     logged = [m for m in capture.messages if m.startswith("rank 1 exited with status 137")]
     assert logged == [
         f"rank 1 exited with status 137 (SIGKILL); restart 1 of at most 2 from epoch "
@@ -364,14 +361,14 @@ def test_a_resume_in_an_empty_work_dir_restores_the_checkpoint_from_the_store(
 ) -> None:
     store = {"artifact_store": s3_store_uri, "s3_endpoint_url": s3_env.endpoint}
     first_host = run_config(tmp_path / "first", "moved", num_proc=2, epochs=2, **store)
-    train(first_host, data_uri)
+    trained(first_host, data_uri)
     stored = open_store(s3_store_uri, endpoint_url=s3_env.endpoint).child("runs/moved/checkpoints")
     assert {"checkpoint.json", "epoch-0002.params"} <= set(stored.list_keys())
 
     # Another host: an empty work directory, the same run id, the same store.
     fresh = run_config(tmp_path / "fresh", "moved", num_proc=2, epochs=5, resume=True, **store)
     assert not fresh.run_dir().exists()
-    resumed = path_of(train(fresh, data_uri))
+    resumed = trained(fresh, data_uri)
     assert [record["epoch"] for record in history(resumed)] == [1, 2, 3, 4, 5]
     uninterrupted, after_resume = parameters(five_epochs), parameters(resumed)
     for key in uninterrupted:
@@ -387,11 +384,11 @@ def test_resume_auto_starts_fresh_then_a_retry_resumes_from_the_store(
     store = {"artifact_store": s3_store_uri, "s3_endpoint_url": s3_env.endpoint}
     first_pod = run_config(tmp_path / "first", "retried", num_proc=2, epochs=2, **store)
     assert first_pod.resume == "auto"
-    fresh = path_of(train(first_pod, data_uri))  # nothing to resume: a fresh start, no error
+    fresh = trained(first_pod, data_uri)  # nothing to resume: a fresh start, no error
     assert [record["epoch"] for record in history(fresh)] == [1, 2]
 
     second_pod = run_config(tmp_path / "second", "retried", num_proc=2, epochs=5, **store)
-    resumed = path_of(train(second_pod, data_uri))
+    resumed = trained(second_pod, data_uri)
     assert [record["epoch"] for record in history(resumed)] == [1, 2, 3, 4, 5]
     uninterrupted, after_resume = parameters(five_epochs), parameters(resumed)
     for key in uninterrupted:
@@ -416,7 +413,7 @@ def test_a_rank_that_dies_at_every_start_stops_after_max_restarts(
     config = run_config(work_dir, "dies-always", num_proc=2, epochs=1, max_restarts=2)
     pattern = r"^gave up after 2 restart\(s\) \(max_restarts=2\): training failed: rank \d "
     with pytest.raises(TrainingError, match=pattern + r"exited with status 137 \(SIGKILL\)"):
-        train(config, data_uri)
+        trained(config, data_uri)
     run_dir = config.run_dir().resolve()
     assert wait_until_no_ranks(run_dir) == []
     restarts = [json.loads(line) for line in (run_dir / "metrics/restarts.jsonl").open()]
@@ -428,7 +425,7 @@ def test_a_rank_that_dies_at_every_start_stops_after_max_restarts(
 
 def test_validation_split_keeps_the_best_epoch(work_dir: Path, data_uri: str) -> None:
     config = run_config(work_dir, "val", num_proc=1, epochs=3, validation_fraction=0.1)
-    run_dir = path_of(train(config, data_uri))
+    run_dir = trained(config, data_uri)
     records = history(run_dir)
     assert all("val_accuracy" in record for record in records)
     summary = json.loads((run_dir / "metrics" / "train.json").read_text())
@@ -445,7 +442,7 @@ def test_a_rank_error_is_reported_with_its_stderr_lines(work_dir: Path, tmp_path
     empty_cache.mkdir()
     config = run_config(work_dir, "no-data", num_proc=2, epochs=1)
     with pytest.raises(TrainingError, match=r"(?s)rank \d exited with status 1;.*error: .*no-data"):
-        train(config, empty_cache.as_uri())
+        trained(config, empty_cache.as_uri())
     assert wait_until_no_ranks(config.run_dir().resolve()) == []
 
 
@@ -543,7 +540,7 @@ def test_a_host_whose_host_zero_never_comes_fails_in_bounded_time(
     with pytest.raises(
         TrainingError, match=rf"no Gloo rendezvous at 127\.0\.0\.1:{port} after 3 s \(.*refused"
     ):
-        train(config, "file:///nowhere")
+        trained(config, "file:///nowhere")
     assert 3 <= time.monotonic() - started < 3 + 10
     assert rank_processes(config.run_dir().resolve()) == []
 
@@ -556,7 +553,7 @@ def test_a_host_zero_whose_other_host_never_comes_fails_and_stops_its_rendezvous
     port = free_port()
     config = job_config(tmp_path, 0, port, epochs=1)
     with pytest.raises(TrainingError, match=r"(?s)rank 0 exited .*Wait timeout after 3 seconds"):
-        train(config, data_uri)
+        trained(config, data_uri)
     with pytest.raises(ConnectionRefusedError):  # the rendezvous server is gone with the step
         socket.create_connection(("127.0.0.1", port), timeout=5).close()
     assert wait_until_no_ranks(config.run_dir().resolve()) == []
@@ -608,7 +605,7 @@ def test_a_host_zero_whose_rendezvous_port_is_taken_fails_naming_it(tmp_path: Pa
         with pytest.raises(
             TrainingError, match=rf"cannot serve the Gloo rendezvous on port {port}: .*in use"
         ):
-            train(job_config(tmp_path, 0, port), "file:///nowhere")
+            trained(job_config(tmp_path, 0, port), "file:///nowhere")
 
 
 def test_a_rank_error_on_one_host_fails_every_host_naming_its_rank(
@@ -679,14 +676,14 @@ def test_bad_hostfile_fails_before_any_process_starts(
         hostfile.write_text(hostfile_text)
     config = run_config(tmp_path / "work", "bad-hostfile", num_proc=2, hostfile=hostfile)
     with pytest.raises(ConfigError, match=message):
-        train(config, "file:///nowhere")
+        trained(config, "file:///nowhere")
     _assert_nothing_started(config)
 
 
 def test_resume_without_checkpoint_fails_before_any_process_starts(tmp_path: Path) -> None:
     config = run_config(tmp_path / "work", "never-ran", resume=True)
     with pytest.raises(ConfigError, match=r"holds no complete checkpoint"):
-        train(config, "file:///nowhere")
+        trained(config, "file:///nowhere")
     _assert_nothing_started(config)
 
 
@@ -702,7 +699,7 @@ def test_resume_that_cannot_continue_the_checkpoint_is_refused(
 ) -> None:
     config = run_config(work_dir, "np1", num_proc=1, resume=True, **overrides)
     with pytest.raises(ConfigError, match=message):
-        train(config, "file:///nowhere")
+        trained(config, "file:///nowhere")
     assert len(history(np1_run)) == 2  # untouched
 
 
@@ -719,7 +716,7 @@ def test_bad_rendezvous_job_fails_before_any_process_starts(
 ) -> None:
     config = job_config(tmp_path / "work", 0, free_port(), **overrides)
     with pytest.raises(ConfigError, match=message):
-        train(config, "file:///nowhere")
+        trained(config, "file:///nowhere")
     _assert_nothing_started(config)
 
 
@@ -801,13 +798,10 @@ def test_kept_epoch_is_the_best_validation_epoch_else_the_last() -> None:
 
 
 def test_horovodrun_lines_are_split_into_rank_stream_and_text() -> None:
-    assert parse_output_line("[1]<stderr>:Killed") == (1, "stderr", "Killed")
-    assert parse_output_line("[12]<stdout>:epoch 1/5: x") == (12, "stdout", "epoch 1/5: x")
-    assert parse_output_line("Process 1 exit with status code 137.") == (
-        None,
-        None,
-        "Process 1 exit with status code 137.",
-    )
+    assert horovodrun_line("[1]<stderr>:Killed") == (1, "stderr", "Killed")
+    assert horovodrun_line('[12]<stdout>:{"type": "note"}') == (12, "stdout", '{"type": "note"}')
+    assert horovodrun_line("Process 1 exit with status code 137.") == RankExit(1, 137)
+    assert horovodrun_line("Terminating remaining workers after failure of Process 1.") is None
 
 
 def test_failure_message_names_the_first_failed_rank_and_its_stderr() -> None:
@@ -818,10 +812,12 @@ def test_failure_message_names_the_first_failed_rank_and_its_stderr() -> None:
         "Process 0 exit with status code 143.",
     ]
     tails = {0: ["Terminated"], 1: ["Killed"]}
-    message = failure_message(1, tails, launcher_lines)
+    exits = [e for e in map(horovodrun_line, launcher_lines) if isinstance(e, RankExit)]
+    first_failed = exits[0]
+    message = failure_message(first_failed, 1, tails, launcher_lines)
     assert message.startswith("training failed: rank 1 exited with status 137 (SIGKILL)")
     assert message.endswith("last stderr lines of rank 1:\n  Killed")
-    no_rank = failure_message(2, {}, ["usage: horovodrun ...", "error: bad -H"])
+    no_rank = failure_message(None, 2, {}, ["usage: horovodrun ...", "error: bad -H"])
     assert no_rank == (
         "horovodrun exited with status 2; its last lines:\n  usage: horovodrun ...\n  error: bad -H"
     )

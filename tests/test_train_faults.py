@@ -32,7 +32,8 @@ import pytest
 from pipeline.base.config import ConfigError, PipelineConfig
 from tasks.dataset import prepare_dataset
 from tasks.train.checkpoints import check_resumable
-from tests.test_train import DEBIAN_MIRROR, history, path_of, rank_processes, run_config
+from tests.support.steps import trained
+from tests.test_train import DEBIAN_MIRROR, history, rank_processes, run_config
 
 DEADLINE_S = 300  # bound of every wait for a training to reach a point
 EXIT_S = 60  # bound of every wait for a signalled process (and all it started) to end
@@ -154,15 +155,14 @@ def data_uri(data_dir: Path) -> str:
 @pytest.fixture(scope="module")
 def one_epoch(tmp_path_factory: pytest.TempPathFactory, data_uri: str) -> Path:
     """A finished one-epoch run directory: the checkpoint the tampering tests start from."""
-    from tasks.train.step import train
 
     work_dir = tmp_path_factory.mktemp("work")
-    return path_of(train(run_config(work_dir, "one", num_proc=1, epochs=1), data_uri))
+    return trained(run_config(work_dir, "one", num_proc=1, epochs=1), data_uri)
 
 
 def train_command(work_dir: Path, run_id: str, data_uri: str, *flags: str) -> list[str]:
     return CLI + [
-        "step", "train", "--run-id", run_id, "--work-dir", str(work_dir), "--data-uri", data_uri,
+        "step", "train", "--run-id", run_id, "--work-dir", str(work_dir), "--data-dir", data_uri.removeprefix("file://"),
         *flags,
     ]  # fmt: skip
 
@@ -214,8 +214,8 @@ exec /bin/sh -c "$*"
 """
 TRAIN_SCRIPT = (
     "import sys; from pipeline.base.config import PipelineConfig; "
-    "from tasks.train.step import train; "
-    "print(train(PipelineConfig.model_validate_json(sys.argv[1]), sys.argv[2]))"
+    "from tests.support.steps import trained; "
+    "print(trained(PipelineConfig.model_validate_json(sys.argv[1]), sys.argv[2]).as_uri())"
 )
 
 

@@ -25,8 +25,9 @@ from pipeline.base.store import FileStore, IntegrityError, open_store
 from tasks.dataset.cache import RECORD_NAME, read_record
 from tasks.evaluate.gate import read_metrics
 from tasks.evaluate.metrics import EvaluationError
-from tasks.publish.step import PublishError, publish, publish_run
+from tasks.publish.step import PublishError, publish_run
 from tests.support.documents import manifest_bytes
+from tests.support.steps import published
 from tests.test_faults import fake_credentials, hung_endpoint  # noqa: F401 (fixtures)
 from tests.test_publish import T0, dataset_uri, make_run_dir, record, with_run  # noqa: F401
 
@@ -81,14 +82,15 @@ def test_a_symlink_in_the_run_dir_refuses_the_publish_and_uploads_nothing(
         target.unlink()
         target.symlink_to(secret)
     args = ["step", "publish", "--run-id", config.run_id, "--work-dir", str(config.work_dir)]
-    code = cli.main([*args, "--data-uri", dataset_uri, *store_flags(config)])
+    data_dir = dataset_uri.removeprefix("file://")
+    code = cli.main([*args, "--data-dir", data_dir, *store_flags(config)])
     err = capsys.readouterr().err
     assert code == 1
     assert err.count("\n") == 1 and err.startswith("error: ") and linked in err
     assert "symbolic link" in err and "nothing was uploaded" in err
     assert stored_bytes(config) == []  # not the secret, not anything
     with pytest.raises(PublishError, match="symbolic link"):
-        publish(config, dataset_uri, run_dir.resolve().as_uri())
+        published(config, dataset_uri, run_dir.resolve().as_uri())
 
 
 def test_evaluate_refuses_a_linked_model_file(tmp_path: Path, secret: Path) -> None:

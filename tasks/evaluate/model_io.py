@@ -43,25 +43,27 @@ def to_model_input(images: np.ndarray) -> np.ndarray:
 
 @contextmanager
 def local_run_dir(
-    model_uri: str,
+    model: str | Path,
     endpoint_url: str | None = None,
     timeouts: tuple[float, float, int | None, float] | None = None,
 ) -> Iterator[Path]:
     """The run directory as a local directory, verified before anything is loaded from it.
 
     s3:// URIs name published runs: they need a manifest, and are copied (every checksum
-    checked) into a scratch directory that is removed on exit. Paths and file:// URIs are used
-    in place; one holding a manifest (a published or pulled run) is re-hashed against it, and
-    one in a store's runs/ without a manifest (an unfinished publish) is refused.
+    checked) into a scratch directory that is removed on exit. A Path, a plain path or a
+    file:// URI is used in place; one holding a manifest (a published or pulled run) is
+    re-hashed against it, and one in a store's runs/ without a manifest (an unfinished publish)
+    is refused.
     """
-    scheme = urlparse(model_uri).scheme
+    model_uri = str(model)
+    scheme = "" if isinstance(model, Path) else urlparse(model_uri).scheme
     if scheme == "s3":
         with tempfile.TemporaryDirectory(prefix="evaluate-model-") as scratch:
             yield materialize(
                 model_uri, Path(scratch), endpoint_url, published=True, timeouts=timeouts
             )
     elif scheme in ("", "file"):
-        run_dir = local_path(model_uri)
+        run_dir = model if isinstance(model, Path) else local_path(model_uri)
         if not run_dir.is_dir():
             yield run_dir  # load_model says what is missing
             return

@@ -17,7 +17,7 @@ from pipeline.base.files import (
     read_document_file,
 )
 from pipeline.base.logs import step_logger
-from pipeline.base.uris import local_path, to_uri
+from pipeline.base.uris import to_uri
 from tasks.dataset import load_dataset
 from tasks.evaluate.gate import gate_verdict, quality_gate
 from tasks.evaluate.metrics import EvaluationError, compute_metrics, parse_training_history, softmax
@@ -59,19 +59,20 @@ def read_training_metrics(run_dir: Path) -> tuple[dict[str, Any] | None, list[di
     return summary, history
 
 
-def evaluate_model(
-    model_uri: str, data_uri: str, out_dir: Path, config: PipelineConfig
-) -> dict[str, Any]:
-    """Evaluate a stored run's model on the test set and write the report into `out_dir`.
+def evaluate_model(model: str | Path, out_dir: Path, config: PipelineConfig) -> dict[str, Any]:
+    """Evaluate a stored run's model on the test set of `config.data_uri()` and write the
+    report into `out_dir`.
 
-    `model_uri` is a run directory: a path, file://PATH or s3://BUCKET/PREFIX/runs/RUN_ID.
-    Returns the metrics as written to metrics.json. Does not raise on a failing gate: the
-    caller decides (the flow publishes first; the CLI calls `check_gate`).
+    `model` is a run directory: a local Path, or a URI (a path, file://PATH or
+    s3://BUCKET/PREFIX/runs/RUN_ID). Returns the metrics as written to metrics.json. Does not
+    raise on a failing gate: the caller decides (the flow publishes first; the CLI calls
+    `check_gate`).
     """
-    with local_run_dir(model_uri, config.s3_endpoint_url, config.s3_timeouts()) as run_dir:
+    model_uri = to_uri(model) if isinstance(model, Path) else model  # how the report names it
+    with local_run_dir(model, config.s3_endpoint_url, config.s3_timeouts()) as run_dir:
         net = load_model(run_dir, model_uri)
         train_summary, history = read_training_metrics(run_dir)
-    data = load_dataset(data_uri)
+    data = load_dataset(config.data_uri())
     logits = model_logits(net, data.test_images)
     core = compute_metrics(logits, data.test_labels)
     metrics = {
@@ -102,12 +103,11 @@ def evaluate_model(
     return metrics
 
 
-def evaluate(config: PipelineConfig, data_uri: str, run_dir_uri: str) -> str:
-    """The flow's evaluate step: report into RUN_DIR/report; returns that directory's URI."""
-    report_dir = local_path(run_dir_uri) / layout.REPORT_DIR
-    metrics = evaluate_model(run_dir_uri, data_uri, report_dir, config)
+def evaluate(config: PipelineConfig) -> None:
+    """The flow's evaluate step: the model of `config.run_dir()`, reported into its report/."""
+    run_dir = config.run_dir()
+    metrics = evaluate_model(run_dir, run_dir / layout.REPORT_DIR, config)
     step_logger(__name__).info(
         f"test accuracy {metrics['accuracy']:.4f}, mean loss {metrics['mean_loss']:.4f}, "
         f"ECE {metrics['ece']:.4f}; quality gate {gate_verdict(metrics['gate'])}"
     )
-    return to_uri(report_dir)

@@ -40,9 +40,9 @@ from pipeline.base.store import (
     ConflictError,
     IntegrityError,
     StoreError,
-    materialize,
     open_store,
     read_manifest,
+    verify_local_run,
 )
 from pipeline.base.store.documents import (
     Latest,
@@ -296,15 +296,15 @@ def _promotions_so_far(store: ArtifactStore) -> int:
     return current.sequence if current else 0
 
 
-def publish(config: PipelineConfig, data_uri: str, run_dir_uri: str) -> str:
-    """The flow's publish step: returns the URI of the published run."""
+def publish(config: PipelineConfig) -> None:
+    """The flow's publish step: `config.run_dir()` as run `config.run_id` of the store."""
     store = open_store(config.artifact_store, **config.store_options())
-    run_dir = materialize(
-        run_dir_uri, config.run_dir(), config.s3_endpoint_url, timeouts=config.s3_timeouts()
-    )
-    result = publish_run(store, run_dir, read_record(data_uri), config)
+    run_dir = config.run_dir()
+    if not run_dir.is_dir():
+        raise StoreError(f"run directory {run_dir} does not exist")
+    verify_local_run(run_dir, str(run_dir), published=False)  # a pulled run: its manifest
+    result = publish_run(store, run_dir, read_record(config.data_uri()), config)
     step_logger(__name__).info(publish_line(config.run_id, result))
-    return result.run_uri
 
 
 def publish_line(run_id: str, result: PublishResult) -> str:

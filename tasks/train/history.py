@@ -2,23 +2,7 @@
 
 from __future__ import annotations
 
-import re
 from typing import Any
-
-from pipeline.base.errors import PipelineError
-
-# The start of `format_epoch`'s line: what progress displays read back.
-_EPOCH_LINE_RE = re.compile(r"^epoch (\d+)/(\d+):")
-
-
-class TrainingError(PipelineError, RuntimeError):
-    """A training run failed; the message names the failing rank and its last stderr lines.
-
-    `rank` and `status` say which rank failed and how, when one did (None otherwise)."""
-
-    def __init__(self, message: str, rank: int | None = None, status: int | None = None) -> None:
-        super().__init__(message)
-        self.rank, self.status = rank, status
 
 
 def epoch_record(epoch: int, totals: list[float], validating: bool, seconds: float) -> dict:
@@ -59,16 +43,10 @@ def train_summary(history: list[dict[str, Any]], num_proc: int) -> dict[str, Any
 
 
 def format_epoch(record: dict[str, Any], epochs: int) -> str:
-    """The human-readable epoch line rank 0 prints (and the launcher logs)."""
+    """The human-readable epoch line the launcher logs for rank 0's `EpochDone`."""
     val = f", val acc {record['val_accuracy']:.4f}" if "val_accuracy" in record else ""
     return (
         f"epoch {record['epoch']}/{epochs}: loss {record['loss']:.4f}, "
         f"train acc {record['train_accuracy']:.4f}, test acc {record['test_accuracy']:.4f}"
         f"{val}, {record['seconds']:.2f} s"
     )
-
-
-def parse_epoch_line(line: str) -> tuple[int, int] | None:
-    """(epoch, epochs) of an epoch line from `format_epoch`; None for any other line."""
-    match = _EPOCH_LINE_RE.match(line)
-    return None if match is None else (int(match.group(1)), int(match.group(2)))

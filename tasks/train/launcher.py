@@ -1,11 +1,17 @@
 """Starting, watching and stopping rank processes; what to say when one fails.
 
-`run_ranks` starts a group of processes, forwards rank 0's output to the step log (and to an
-optional callback, e.g. progress), and raises `TrainingError` naming the first rank that failed
-with its last stderr lines. Every process of the group is stopped when it returns, whatever
-ends it: success, a failed rank (the others are stopped at once, as horovodrun does), an
-exception, Ctrl-C, or SIGTERM/SIGHUP (the CLI turns those into exceptions). Ranks also end
+`run_ranks` starts a group of processes and reads each rank's typed messages from its stdout
+(`tasks.train.messages`): rank 0's notes and epochs go to the step log and its epochs to an
+optional callback (checkpoint mirror, progress); a rank's own error is remembered, so the
+supervisor knows a restart cannot help. It raises `TrainingError` naming the first rank that
+failed with its last stderr lines. Every process of the group is stopped when it returns,
+whatever ends it: success, a failed rank (the others are stopped at once, as horovodrun does),
+an exception, Ctrl-C, or SIGTERM/SIGHUP (the CLI turns those into exceptions). Ranks also end
 themselves when the launcher is SIGKILLed (`tasks.train.rank.exit_with_parent`).
+
+horovodrun (ranks over ssh) is a third-party process with a text protocol of its own: it tags
+each rank line "[RANK]<stdout>:" and reports a failed rank as "Process N exit with status code
+S."; `horovodrun_line` is the one place that reads it.
 """
 
 from __future__ import annotations
@@ -25,11 +31,12 @@ from typing import IO, NamedTuple
 import psutil
 
 from pipeline.base.logs import step_logger
-from tasks.train.history import TrainingError
+from tasks.train.errors import TrainingError
+from tasks.train.history import format_epoch
+from tasks.train.messages import EpochDone, Note, RankFailed, decode
 
 STDERR_TAIL_LINES = 20
 STOP_GRACE_S = 10
-# horovodrun prefixes every rank line with "[RANK]<stdout>:" or "[RANK]<stderr>:".
 _RANK_LINE_RE = re.compile(r"^\[(\d+)\]<(stdout|stderr)>:(.*)$")
 _RANK_EXIT_RE = re.compile(r"^Process (\d+) exit with status code (-?\d+)\.")
 
@@ -43,16 +50,26 @@ class Launch(NamedTuple):
     rank: int | None = None
 
 
+class RankExit(NamedTuple):
+    """A rank that ended, and its exit status as a shell reports it."""
+
+    rank: int
+    status: int
+
+
 # --- pure core ------------------------------------------------------------------------------
 
 
-def parse_output_line(line: str) -> tuple[int | None, str | None, str]:
-    """(rank, "stdout"|"stderr", text) of a horovodrun output line; (None, None, line) for
-    horovodrun's own lines."""
+def horovodrun_line(line: str) -> tuple[int, str, str] | RankExit | None:
+    """What a line of horovodrun's output is: a rank's line (rank, "stdout"|"stderr", text), a
+    rank's exit (`RankExit`), or None for horovodrun's own text."""
     match = _RANK_LINE_RE.match(line)
-    if match is None:
-        return None, None, line
-    return int(match.group(1)), match.group(2), match.group(3)
+    if match is not None:
+        return int(match.group(1)), match.group(2), match.group(3)
+    match = _RANK_EXIT_RE.match(line)
+    if match is not None:
+        return RankExit(int(match.group(1)), int(match.group(2)))
+    return None
 
 
 def describe_exit(code: int) -> str:
@@ -64,25 +81,21 @@ def describe_exit(code: int) -> str:
 
 
 def failure_message(
-    returncode: int, stderr_tails: dict[int, Iterable[str]], launcher_lines: Iterable[str]
+    failed: RankExit | None,
+    launcher_status: int,
+    stderr_tails: dict[int, Iterable[str]],
+    launcher_lines: Iterable[str],
 ) -> str:
-    """What went wrong, from the launcher's report of the first rank that exited non-zero."""
-    launcher_lines = list(launcher_lines)
-    exits = [m for m in map(_RANK_EXIT_RE.match, launcher_lines) if m]
-    if not exits:
-        tail = "\n  ".join(launcher_lines[-STDERR_TAIL_LINES:]) or "(no output)"
-        return f"horovodrun exited with {describe_exit(returncode)}; its last lines:\n  {tail}"
-    rank, code = int(exits[0].group(1)), int(exits[0].group(2))
-    tail = "\n  ".join(stderr_tails.get(rank, ())) or "(no stderr output)"
+    """What went wrong: the first rank that exited non-zero and its last stderr lines, or,
+    when no rank is known to have failed, the launcher's (horovodrun's) last lines."""
+    if failed is None:
+        tail = "\n  ".join(list(launcher_lines)[-STDERR_TAIL_LINES:]) or "(no output)"
+        return f"horovodrun exited with {describe_exit(launcher_status)}; its last lines:\n  {tail}"
+    tail = "\n  ".join(stderr_tails.get(failed.rank, ())) or "(no stderr output)"
     return (
-        f"training failed: rank {rank} exited with {describe_exit(code)}; "
-        f"last stderr lines of rank {rank}:\n  {tail}"
+        f"training failed: rank {failed.rank} exited with {describe_exit(failed.status)}; "
+        f"last stderr lines of rank {failed.rank}:\n  {tail}"
     )
-
-
-def _first_failure(launcher_lines: Iterable[str]) -> int | None:
-    exits = [m for m in map(_RANK_EXIT_RE.match, launcher_lines) if m]
-    return int(exits[0].group(1)) if exits else None
 
 
 def exit_status(returncode: int) -> int:
@@ -126,12 +139,19 @@ def _forward_lines(stream: IO[str], tag: Callable, source: int, lines: queue.Sim
     lines.put((source, None))  # this pipe is closed
 
 
-class RankGroup:
-    """The processes of one launch and what they said."""
+def _horovodrun_tag(line: str) -> tuple[int | None, str | None, str] | RankExit:
+    parsed = horovodrun_line(line)
+    return (None, None, line) if parsed is None else parsed
 
-    def __init__(self, launches: list[Launch], on_output: Callable[[str], None] | None) -> None:
+
+class RankGroup:
+    """The processes of one launch, what their ranks sent and how they ended."""
+
+    def __init__(
+        self, launches: list[Launch], on_epoch: Callable[[EpochDone], None] | None
+    ) -> None:
         self.launches = launches
-        self.on_output = on_output
+        self.on_epoch = on_epoch
         self.logger = step_logger(__name__)
         self.stderr_tails: dict[int, deque[str]] = defaultdict(
             lambda: deque(maxlen=STDERR_TAIL_LINES)
@@ -140,7 +160,9 @@ class RankGroup:
         self.lines: queue.SimpleQueue = queue.SimpleQueue()
         self.processes: list[subprocess.Popen] = []
         self.open_pipes: list[int] = []
-        self.exit_codes: list[int] = []
+        self.launcher_status = 0  # horovodrun's, where it started the ranks
+        self.rank_exits: list[RankExit] = []  # in the order they were seen
+        self.reported: set[int] = set()  # ranks that sent their own error
 
     def start(self) -> None:
         for source, launch in enumerate(self.launches):
@@ -157,7 +179,7 @@ class RankGroup:
             )
             self.processes.append(process)
             if launch.rank is None:
-                pipes = [(process.stdout, parse_output_line)]
+                pipes = [(process.stdout, _horovodrun_tag)]
             else:
                 pipes = [
                     (process.stdout, lambda text, r=launch.rank: (r, "stdout", text)),
@@ -172,35 +194,51 @@ class RankGroup:
     def pump(self) -> None:
         """Handle output until every pipe is closed."""
         while any(self.open_pipes):
-            source, line = self.lines.get()
-            if line is None:
+            source, item = self.lines.get()
+            if item is None:
                 self._pipe_closed(source)
+            elif isinstance(item, RankExit):  # horovodrun's report: it stops the others itself
+                self.rank_exits.append(item)
             else:
-                self._handle(*line)
+                self._handle(*item)
 
     def _pipe_closed(self, source: int) -> None:
         self.open_pipes[source] -= 1
         if self.open_pipes[source]:
             return
         code = exit_status(self.processes[source].wait())
-        self.exit_codes.append(code)
         rank = self.launches[source].rank
-        if code != 0 and rank is not None:
-            # What horovodrun reports and does when one of its ranks fails.
-            self.launcher_lines.append(f"Process {rank} exit with status code {code}.")
-            self.stop()
+        if rank is None:
+            self.launcher_status = code
+            return
+        self.rank_exits.append(RankExit(rank, code))
+        if code != 0:
+            self.stop()  # as horovodrun does: one failed rank ends the job
 
     def _handle(self, rank: int | None, stream: str | None, text: str) -> None:
         if rank is None:
             self.launcher_lines.append(text)
             self.logger.debug("horovodrun: %s", text)
-            return
-        if stream == "stderr":
+        elif stream == "stderr":
             self.stderr_tails[rank].append(text)
-        if rank == 0:
-            self.logger.log(logging.INFO if stream == "stdout" else logging.WARNING, text)
-            if stream == "stdout" and self.on_output is not None:
-                self.on_output(text)
+            if rank == 0:
+                self.logger.warning(text)
+        else:
+            self._received(rank, decode(text), text)
+
+    def _received(
+        self, rank: int, message: Note | EpochDone | RankFailed | None, text: str
+    ) -> None:
+        if isinstance(message, RankFailed):
+            self.reported.add(rank)
+        elif rank != 0:
+            return  # rank 0 speaks for the job
+        elif isinstance(message, EpochDone):
+            self.logger.info(format_epoch(message.record, message.epochs))
+            if self.on_epoch is not None:
+                self.on_epoch(message)
+        else:  # a note, or a library's stray line on stdout
+            self.logger.log(logging.INFO, text if message is None else message.text)
 
     def stop(self) -> None:
         for process in self.processes:
@@ -208,17 +246,22 @@ class RankGroup:
                 stop_process_tree(process)
 
     def check(self) -> None:
-        failed = [code for code in self.exit_codes if code != 0]
-        if failed:
-            message = failure_message(failed[0], self.stderr_tails, self.launcher_lines)
-            raise TrainingError(message, _first_failure(self.launcher_lines), failed[0])
+        failed = next((ended for ended in self.rank_exits if ended.status != 0), None)
+        if failed is None and self.launcher_status == 0:
+            return
+        message = failure_message(
+            failed, self.launcher_status, self.stderr_tails, self.launcher_lines
+        )
+        if failed is None:
+            raise TrainingError(message, None, self.launcher_status)
+        raise TrainingError(message, failed.rank, failed.status, failed.rank in self.reported)
 
 
-def run_ranks(launches: list[Launch], on_output: Callable[[str], None] | None = None) -> None:
-    """Start `launches`, stream rank 0's lines to the step log (and `on_output`), raise
+def run_ranks(launches: list[Launch], on_epoch: Callable[[EpochDone], None] | None = None) -> None:
+    """Start `launches`, log rank 0's messages (and hand its epochs to `on_epoch`), raise
     TrainingError naming the first rank that failed; every process is stopped at the end, also
     on error, interrupt or termination."""
-    group = RankGroup(launches, on_output)
+    group = RankGroup(launches, on_epoch)
     try:
         group.start()
         group.pump()

@@ -6,7 +6,7 @@ import mxnet as mx
 from mxnet import gluon, init, nd
 from mxnet.gluon import nn
 
-from tasks.train.history import TrainingError
+from tasks.train.errors import TrainingError
 
 NUM_CLASSES = 10
 NUM_FEATURES = 28 * 28

@@ -1,8 +1,10 @@
-"""One Horovod rank of the train step: `python -m tasks.train.rank --config --data --out`.
+"""One Horovod rank of the train step: `python -m tasks.train.rank --config RANK_CONFIG`.
 
 Read top to bottom like Horovod's `examples/mxnet` scripts; every line that makes the training
 distributed is marked `# [hvd]`. The launcher (`tasks.train.launcher`) starts one such process
-per rank with Horovod's Gloo variables set; the run's config.json is the one typed config.
+per rank with Horovod's Gloo variables set. The config file is the one typed config (the run
+directory and the dataset cache are its `run_dir()` and `data_uri()`); the rank answers on its
+stdout, with typed messages only (`tasks.train.messages`).
 """
 
 from __future__ import annotations
@@ -37,7 +39,8 @@ from tasks.train.checkpoints import (
     verify_files,
     write_pointer,
 )
-from tasks.train.history import best_epoch, epoch_record, format_epoch, train_summary
+from tasks.train.history import best_epoch, epoch_record, train_summary
+from tasks.train.messages import EpochDone, Note, RankChannel, RankFailed
 from tasks.train.model import (
     NUM_FEATURES,
     ScoredBatch,
@@ -173,7 +176,6 @@ def _read_restore_point(run_dir: Path, resume: bool | str) -> tuple[Checkpoint, 
         problem = first_line(exc)
         raise ConfigError(f"resume: {checkpoint.optimizer} cannot be read: {problem}") from None
     arrays = arrays if isinstance(arrays, dict) else {}  # an empty file loads as []
-    print(f"resuming after epoch {checkpoint.epoch} from {checkpoint_dir(run_dir)}")
     return checkpoint, {name: array.asnumpy() for name, array in arrays.items()}
 
 
@@ -212,13 +214,14 @@ def restore(
     return checkpoint.history
 
 
-def run_rank(config: PipelineConfig, data_uri: str, run_dir: Path) -> None:
+def run_rank(config: PipelineConfig, channel: RankChannel) -> None:
     """One Horovod process: train, checkpoint each epoch, and (rank 0) write the outputs."""
+    run_dir = config.run_dir()
     hvd.init()  # [hvd] join the job: Gloo rendezvous with the other ranks
     ctx = select_context(mx.context.num_gpus(), hvd.local_rank())  # [hvd] one GPU per rank
     # The only global RNG used (weight init); shuffling and the split use their own streams.
     mx.random.seed(config.seed)
-    data = load_device_data(data_uri, config, hvd.rank(), hvd.size(), ctx)  # [hvd] sharded
+    data = load_device_data(config.data_uri(), config, hvd.rank(), hvd.size(), ctx)  # [hvd]
     num_train, validating = data.train_x.shape[0], config.validation_fraction > 0
 
     net = build_net(config.init_sigma, ctx)
@@ -230,6 +233,9 @@ def run_rank(config: PipelineConfig, data_uri: str, run_dir: Path) -> None:
         net.collect_params(), "sgd", {"learning_rate": config.lr}, num_groups=1
     )
     history = restore(run_dir, config.resume, net, trainer, ctx)
+    if history and hvd.rank() == 0:
+        resumed = f"resuming after epoch {history[-1]['epoch']} from {checkpoint_dir(run_dir)}"
+        channel.send(Note(text=resumed))
 
     batches = global_batches(num_train, config.batch_size, hvd.size())
     for epoch in range(len(history) + 1, config.epochs + 1):
@@ -242,7 +248,7 @@ def run_rank(config: PipelineConfig, data_uri: str, run_dir: Path) -> None:
             save_checkpoint(run_dir, net, trainer, history, config)
             with open(run_dir / layout.TRAIN_HISTORY, "a") as jsonl:
                 jsonl.write(json.dumps(history[-1]) + "\n")
-            print(format_epoch(history[-1], config.epochs))
+            channel.send(EpochDone(epoch=epoch, epochs=config.epochs, record=history[-1]))
 
     if hvd.rank() == 0:
         write_outputs(net, run_dir, history, hvd.size(), ctx)
@@ -281,16 +287,18 @@ def exit_with_parent() -> None:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of one rank (started by the launcher, or by horovodrun across ssh hosts)."""
     parser = argparse.ArgumentParser(description="One Horovod rank of the train step.")
-    parser.add_argument("--config", type=Path, required=True, help="the run's config.json")
-    parser.add_argument("--data", required=True, help="dataset cache URI")
-    parser.add_argument("--out", type=Path, required=True, help="the run directory")
+    parser.add_argument(
+        "--config", type=Path, required=True, help="this attempt's config (RANK_CONFIG)"
+    )
     args = parser.parse_args(argv)
+    channel = RankChannel()
     exit_with_parent()
     try:
         config = PipelineConfig.model_validate_json(args.config.read_text())
-        run_rank(config, args.data, args.out)
+        run_rank(config, channel)
     except (OSError, PipelineError) as exc:  # the user's to fix: one line, no traceback
         print(f"error: {exc}", file=sys.stderr)
+        channel.send(RankFailed(message=str(exc)))
         return 1
     return 0
 

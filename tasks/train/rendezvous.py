@@ -27,7 +27,7 @@ from horovod.runner.gloo_run import create_run_env_vars, create_slot_env_vars
 from horovod.runner.http.http_server import RendezvousHandler, RendezvousHTTPServer
 
 from pipeline.base.config import ConfigError
-from tasks.train.history import TrainingError
+from tasks.train.errors import TrainingError
 
 RENDEZVOUS_RETRY_S = 1.0
 LOCAL_NAMES = ("localhost", "127.0.0.1")

@@ -24,11 +24,11 @@ from pipeline.base.config import ConfigError, PipelineConfig
 from pipeline.base.files import atomic_write
 from pipeline.base.locks import exclusive_lock
 from pipeline.base.logs import step_logger
-from pipeline.base.uris import to_uri
 from tasks.train import rendezvous
 from tasks.train.checkpoints import check_resumable, read_checkpoint
-from tasks.train.history import TrainingError
+from tasks.train.errors import TrainingError
 from tasks.train.launcher import Launch, run_ranks
+from tasks.train.messages import EpochDone
 from tasks.train.store_checkpoints import CheckpointMirror, checkpoint_store, restore_checkpoint
 from tasks.train.supervisor import supervise
 
@@ -143,12 +143,21 @@ def check_launchable(config: PipelineConfig) -> None:
         check_resumable(config)
 
 
-def rank_command(data_uri: str, run_dir: Path) -> list[str]:
-    """The command line of one rank, the same on every host."""
-    config_file = str(run_dir / layout.RANK_CONFIG)
-    return [sys.executable, "-m", "tasks.train.rank", "--config", config_file] + [
-        "--data", data_uri, "--out", str(run_dir),
-    ]  # fmt: skip
+def rank_command(run_dir: Path) -> list[str]:
+    """The command line of one rank, the same on every host: the attempt's config is all it
+    is given."""
+    return [sys.executable, "-m", "tasks.train.rank", "--config", str(run_dir / layout.RANK_CONFIG)]
+
+
+def rank_config(config: PipelineConfig) -> PipelineConfig:
+    """The config the ranks read: the same, with the run and dataset directories absolute, as
+    a rank on another host (horovodrun over ssh) needs them."""
+    return config.model_copy(
+        update={
+            "work_dir": config.work_dir.expanduser().resolve(),
+            "data_dir": config.data_dir.expanduser().resolve(),
+        }
+    )
 
 
 def horovodrun_command(config: PipelineConfig, command: list[str]) -> list[str]:
@@ -216,24 +225,23 @@ def run_host_job(config: PipelineConfig, command: list[str], env: dict[str, str]
         run_ranks(launches, **kw)
 
 
-def train(
-    config: PipelineConfig, data_uri: str, on_output: Callable[[str], None] | None = None
-) -> str:
-    """Train with `config.num_proc` Horovod ranks; return the run directory's file:// URI.
+def train(config: PipelineConfig, on_epoch: Callable[[EpochDone], None] | None = None) -> None:
+    """Train with `config.num_proc` Horovod ranks into `config.run_dir()`, from the dataset
+    cache `config.data_uri()`.
 
     With `config.worker_index` set only this host's ranks run here; the model is written on
     host 0 (`config.is_coordinator()`), the other hosts' run directories hold just config.json.
     On one host a rank that dies costs a restart (up to `config.max_restarts`), not the run.
     Host 0 copies each checkpoint to the artifact store, and a resume whose run directory has
     none restores it from there first.
-    `on_output` receives rank 0's stdout lines (the epoch lines), e.g. to show progress."""
+    `on_epoch` receives rank 0's finished epochs, e.g. to show progress."""
     run_dir = config.run_dir().resolve()
     if not config.is_coordinator():
         check_launchable(config)
         with run_lock(config, run_dir):
             atomic_write(run_dir / layout.RUN_CONFIG, config.model_dump_json(indent=2))
-            start_ranks(config, data_uri, on_output)
-        return to_uri(run_dir)
+            start_ranks(config, on_epoch)
+        return
     store = checkpoint_store(config)
     if config.resume and read_checkpoint(run_dir) is None:
         epoch = restore_checkpoint(store, run_dir)
@@ -249,20 +257,18 @@ def train(
             (run_dir / layout.TRAIN_RESTARTS).unlink(missing_ok=True)
         mirror = CheckpointMirror(store, run_dir, config.keep_checkpoints)
 
-        def forward(line: str) -> None:
-            if line.startswith("epoch "):  # rank 0 reports an epoch once its checkpoint is written
-                mirror.epoch_done()
-            if on_output is not None:
-                on_output(line)
+        def epoch_done(message: EpochDone) -> None:  # its checkpoint is written
+            mirror.epoch_done()
+            if on_epoch is not None:
+                on_epoch(message)
 
         try:
             if config.worker_index is not None or not uses_ssh(config):  # host 0 or one host
-                supervise(config, lambda attempt: start_ranks(attempt, data_uri, forward))
+                supervise(config, lambda attempt: start_ranks(attempt, epoch_done))
             else:
-                start_ranks(config, data_uri, forward)
+                start_ranks(config, epoch_done)
         finally:
             mirror.close()
-    return to_uri(run_dir)
 
 
 @contextmanager
@@ -275,25 +281,18 @@ def run_lock(config: PipelineConfig, run_dir: Path) -> Iterator[None]:
         yield
 
 
-def start_ranks(
-    config: PipelineConfig, data_uri: str, on_output: Callable[[str], None] | None
-) -> None:
-    """One attempt: write the run's config.json, start the ranks, wait for them."""
+def start_ranks(config: PipelineConfig, on_epoch: Callable[[EpochDone], None] | None) -> None:
+    """One attempt: write the ranks' config, start the ranks, wait for them."""
     check_launchable(config)  # again for a restart: it resumes from the checkpoint left
-    _launch(config, data_uri, config.run_dir().resolve(), on_output)
-
-
-def _launch(
-    config: PipelineConfig, data_uri: str, run_dir: Path, on_output: Callable[[str], None] | None
-) -> None:
+    run_dir = config.run_dir().resolve()
     env = rank_environment(config, os.environ)
-    command = rank_command(data_uri, run_dir)
+    command = rank_command(run_dir)
     # The one typed config travels to the ranks as this file: this attempt's (a restart has
     # fewer ranks and resumes), never config.json, which keeps the config the user asked for.
-    atomic_write(run_dir / layout.RANK_CONFIG, config.model_dump_json(indent=2))
+    atomic_write(run_dir / layout.RANK_CONFIG, rank_config(config).model_dump_json(indent=2))
     if config.worker_index is not None:
-        run_host_job(config, command, env, on_output=on_output)
+        run_host_job(config, command, env, on_epoch=on_epoch)
     elif uses_ssh(config):
-        run_ranks([Launch(horovodrun_command(config, command), env)], on_output=on_output)
+        run_ranks([Launch(horovodrun_command(config, command), env)], on_epoch=on_epoch)
     else:
-        run_local_job(config, command, env, on_output=on_output)
+        run_local_job(config, command, env, on_epoch=on_epoch)

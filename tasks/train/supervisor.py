@@ -13,9 +13,9 @@ typically because another host died and took its ranks with it, host 0 goes on a
 last checkpoint as a single-host job with its own slots, once the job has trained an epoch
 (a job whose hosts never all came fails, as before).
 
-Not restarted: a rank that reported an error of its own (`error: ...`, status 1: bad data, a
-bad checkpoint; the same at every start), the other hosts of a rendezvous job, and horovodrun
-over ssh (restarting those takes hosts this process does not own).
+Not restarted: a rank that sent an error of its own (`RankFailed` on its message channel:
+bad data, a bad checkpoint; the same at every start), the other hosts of a rendezvous job, and
+horovodrun over ssh (restarting those takes hosts this process does not own).
 """
 
 from __future__ import annotations
@@ -29,16 +29,10 @@ from pipeline.base.config import PipelineConfig
 from pipeline.base.logs import step_logger
 from tasks.train import rendezvous
 from tasks.train.checkpoints import read_checkpoint
-from tasks.train.history import TrainingError
+from tasks.train.errors import TrainingError
 from tasks.train.launcher import describe_exit
 
 # --- pure core ------------------------------------------------------------------------------
-
-
-def reported_its_own_error(error: TrainingError) -> bool:
-    """Whether the failed rank ended with its own `error: ...` line (status 1): a problem a
-    restart cannot fix."""
-    return error.status == 1 and "\n  error: " in str(error)
 
 
 def remaining_ranks(num_proc: int) -> int:
@@ -83,7 +77,7 @@ def supervise(config: PipelineConfig, attempt: Callable[[PipelineConfig], None])
             attempt(current)
             return
         except TrainingError as error:
-            if error.rank is None or reported_its_own_error(error):
+            if error.rank is None or error.reported:  # no rank to spare, or its own error
                 raise
             if current.worker_index is not None and _resume_epoch(run_dir) == 0:
                 raise  # the job never trained together: a host missing from the start fails it
@@ -95,6 +89,7 @@ def supervise(config: PipelineConfig, attempt: Callable[[PipelineConfig], None])
                     f"{error}",
                     error.rank,
                     error.status,
+                    error.reported,
                 ) from None
             restarts += 1
             current = _restarted(current, run_dir, restart_number=restarts, error=error)
