@@ -16,7 +16,7 @@ from pydantic import AfterValidator, Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from pipeline.base.errors import PipelineError
-from pipeline.base.uris import check_store_uri
+from pipeline.base.uris import check_store_uri, to_uri
 
 DEFAULT_MIRRORS = [
     "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",
@@ -299,8 +299,9 @@ class PipelineConfig(BaseSettings):
     # (its own container, its own Kubernetes job) finds its inputs without being told.
     def data_uri(self) -> str:
         """The dataset cache the dataset step fills."""
-        return self.data_dir.expanduser().resolve().as_uri()
+        return to_uri(self.data_dir)
 
     def run_dir_uri(self) -> str:
         """The run directory the train step fills and evaluate and publish read."""
-        return self.run_dir().resolve().as_uri()
+        # Resolved first, as the train step resolves it: a work dir named '~...' stays relative.
+        return to_uri(self.run_dir().resolve())

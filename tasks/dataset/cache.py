@@ -28,10 +28,11 @@ from pipeline.base.files import (
     MAX_DOCUMENT_BYTES,
     UnsafeFileError,
     atomic_write,
+    file_sha256,
     read_document_file,
 )
 from pipeline.base.logs import step_logger
-from pipeline.base.uris import local_path
+from pipeline.base.uris import local_path, to_uri
 from tasks.dataset.download import PART_SUFFIX, fetch_from_mirrors
 from tasks.dataset.idx import (
     FILES,
@@ -77,8 +78,7 @@ def _cache_problem(path: Path, spec: DataFile) -> str | None:
         size = path.stat().st_size
         if size != spec.nbytes:
             return f"has {size} bytes, expected {spec.nbytes}"
-        with path.open("rb") as file:
-            digest = hashlib.file_digest(file, "sha256").hexdigest()
+        digest = file_sha256(path)
     except FileNotFoundError:
         return MISSING
     except OSError as exc:
@@ -166,7 +166,7 @@ def prepare_dataset(config: PipelineConfig) -> str:
         record = {"cache": str(cache), "files": files}
         if record != old_record:
             atomic_write(cache / RECORD_NAME, json.dumps(record, indent=2))
-    return cache.as_uri()
+    return to_uri(cache)
 
 
 def _load_verified(path: Path, spec: DataFile) -> np.ndarray:

@@ -23,6 +23,7 @@ from pipeline.base.config import PipelineConfig
 from pipeline.base.errors import PermanentError
 from pipeline.base.files import atomic_writer
 from pipeline.base.logs import step_logger
+from pipeline.base.uris import to_uri
 from tasks.dataset.idx import CorruptDataError, DataFile, DatasetError, inflate_gzip
 
 PART_SUFFIX = ".part"  # temporary files; only the lock holder writes them
@@ -31,7 +32,7 @@ CHUNK_BYTES = 1 << 20
 DEBIAN_DATA_DIR = Path("/usr/share/datasets/fashion-mnist")
 DEBIAN_HINT = (
     "no local copy either: `apt-get install dataset-fashion-mnist` provides one at "
-    f"{DEBIAN_DATA_DIR.as_uri()}/ (a default mirror)"
+    f"{to_uri(DEBIAN_DATA_DIR, follow_links=False)}/ (a default mirror)"
 )
 
 # Errors of the local disk, never of a network: no mirror and no retry can make space.

@@ -27,6 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from pipeline.base import layout
 from pipeline.base.config import ConfigError, PipelineConfig
 from pipeline.base.files import atomic_write
+from pipeline.base.files import file_sha256 as file_sha256  # re-exported: the rank imports it here
 
 # Config fields that shape the training trajectory: a resumed run must use the same values.
 TRAJECTORY_FIELDS = ("batch_size", "lr", "init_sigma", "seed", "validation_fraction")
@@ -125,11 +126,6 @@ def _read_regular(path: Path, limit: int) -> bytes | str:
         if info.st_size > limit:
             return f"is {info.st_size} bytes, more than {limit}"
         return source.read(limit + 1)
-
-
-def file_sha256(path: Path) -> str:
-    """The SHA-256 a pointer records for a checkpoint file just written."""
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def file_problem(path: Path, expected_sha256: str) -> str | None:
