@@ -19,6 +19,7 @@ from urllib.error import HTTPError, URLError
 from urllib.parse import urljoin, urlparse
 from urllib.request import urlopen
 
+from pipeline.base import layout
 from pipeline.base.config import PipelineConfig
 from pipeline.base.errors import PermanentError
 from pipeline.base.files import atomic_writer
@@ -26,7 +27,6 @@ from pipeline.base.logs import step_logger
 from pipeline.base.uris import to_uri
 from tasks.dataset.idx import CorruptDataError, DataFile, DatasetError, inflate_gzip
 
-PART_SUFFIX = ".part"  # temporary files; only the lock holder writes them
 CHUNK_BYTES = 1 << 20
 # Where Debian's dataset-fashion-mnist package puts its copy (the last default mirror).
 DEBIAN_DATA_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -115,7 +115,10 @@ def _download(url: str, spec: DataFile, target: Path, timeout: float) -> None:
 
 def _stream(url: str, spec: DataFile, target: Path, timeout: float) -> None:
     # `timeout` bounds the connect and every read: a mirror that stalls mid-body raises.
-    with urlopen(url, timeout=timeout) as response, atomic_writer(target, PART_SUFFIX) as sink:
+    with (
+        urlopen(url, timeout=timeout) as response,
+        atomic_writer(target, layout.DATASET_PART_SUFFIX) as sink,
+    ):
         header = response.headers.get("Content-Length", "")
         length = int(header) if header.isdigit() else None
         with _ProgressBar(spec.name, length) as bar:

@@ -16,6 +16,7 @@ from pipeline.base.files import (
     atomic_write,
     read_document_file,
 )
+from pipeline.base.layout import METRICS_FILE
 from pipeline.base.logs import step_logger
 from pipeline.base.uris import local_path, to_uri
 from tasks.dataset import load_dataset
@@ -31,7 +32,6 @@ from tasks.evaluate.report import (
     render_report,
 )
 
-METRICS_FILE = Path(layout.REPORT_METRICS).name
 REPORT_FILE = Path(layout.REPORT_MARKDOWN).name
 
 

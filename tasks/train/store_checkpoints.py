@@ -25,7 +25,9 @@ from tasks.train.checkpoints import MAX_POINTER_BYTES, Checkpoint, checkpoint_di
 from tasks.train.launcher import block_stop_signals
 
 POINTER_NAME = Path(layout.CHECKPOINT_POINTER).name
-EPOCH_FILE = re.compile(r"^epoch-([0-9]{4,7})\.(?:params|optimizer)$")
+EPOCH_FILE = re.compile(
+    layout.checkpoint_file_pattern(layout.CHECKPOINT_WEIGHTS, layout.CHECKPOINT_OPTIMIZER)
+)
 
 # --- pure core ------------------------------------------------------------------------------
 
