@@ -26,7 +26,7 @@ from pipeline.base.errors import PipelineError
 MAX_DOCUMENT_BYTES = 16 << 20
 
 
-def fsync_dir(directory: Path) -> None:
+def _fsync_dir(directory: Path) -> None:
     """Make a rename, link or unlink in `directory` durable."""
     fd = os.open(directory, os.O_RDONLY)
     try:
@@ -35,7 +35,7 @@ def fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def temp_sibling(target: Path, suffix: str = ".partial") -> Path:
+def _temp_sibling(target: Path, suffix: str = ".partial") -> Path:
     """A fresh hidden file next to `target` (created empty, mode 0644)."""
     fd, name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=suffix)
     os.fchmod(fd, 0o644)  # mkstemp's 0600 would hide a shared cache or store
@@ -76,7 +76,7 @@ def atomic_file(
     `suffix` names the temp file, so that an owner can find what a killed writer left.
     """
     target.parent.mkdir(parents=True, exist_ok=True)
-    temp = temp_sibling(target, suffix)
+    temp = _temp_sibling(target, suffix)
     try:
         yield temp
         _fsync_file(temp)
@@ -84,7 +84,7 @@ def atomic_file(
     except BaseException:
         temp.unlink(missing_ok=True)
         raise
-    fsync_dir(target.parent)
+    _fsync_dir(target.parent)
 
 
 @contextmanager
