@@ -25,7 +25,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from pipeline.base.config import PipelineConfig
-from pipeline.base.store import ObjectInfo, open_store, sha256_file
+from pipeline.base.files import file_sha256
+from pipeline.base.store import ObjectInfo, open_store
 from pipeline.base.store.s3 import S3Store
 from tests.support.seaweedfs import S3Server, seaweedfs
 
@@ -45,7 +46,7 @@ def make_files(root: Path, count: int, size: int) -> dict[str, Path]:
 
 
 def store_upload(store: S3Store, files: dict[str, Path]) -> None:
-    store.upload({key: (path, sha256_file(path)) for key, path in files.items()})
+    store.upload({key: (path, file_sha256(path)) for key, path in files.items()})
 
 
 def store_download(store: S3Store, expected: dict[str, ObjectInfo], dest: Path) -> None:
@@ -91,7 +92,7 @@ def measure(
     client = server.client()
     plain_prefix = f"plain-{name}"
     megabytes = sum(path.stat().st_size for path in files.values()) / MB
-    expected = {key: ObjectInfo(p.stat().st_size, sha256_file(p)) for key, p in files.items()}
+    expected = {key: ObjectInfo(p.stat().st_size, file_sha256(p)) for key, p in files.items()}
 
     def fresh(path: Path) -> Path:
         shutil.rmtree(path, ignore_errors=True)

@@ -34,9 +34,6 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 # 20 s (measured: three times out of three on a fresh machine).
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
 
-EXIT_USAGE = 2
-EXIT_FAILED = 1
-
 # Which config fields each command takes (the rest would be ignored, so they are not offered).
 DATA_FIELDS = ("mirrors", "data_dir", "offline", "download_timeout", "download_retries")
 TRAIN_FIELDS = (
@@ -282,10 +279,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return args.handler(args)
     except ValidationError as exc:
         print(f"error: {printable(_validation_message(exc))}", file=sys.stderr)
-        return EXIT_USAGE
+        return commands.EXIT_USAGE
     except PipelineError as exc:
         print(f"error: {printable(str(exc), keep_newlines=True)}", file=sys.stderr)
-        return EXIT_FAILED
+        return commands.EXIT_FAILED
     except Terminated as exc:
         print(f"error: terminated by {exc}; every process it started was stopped", file=sys.stderr)
         return 128 + exc.signum

@@ -11,9 +11,11 @@ import json
 import sys
 from pathlib import Path
 
+from pipeline.base import layout
 from pipeline.base.config import PipelineConfig
 from pipeline.base.text import printable
 
+# The exit statuses of `pipeline` (cli.py's too): 1 a run or check failed, 2 a usage error.
 EXIT_FAILED = 1
 EXIT_USAGE = 2
 
@@ -113,10 +115,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     config = config_from(args)
     prepare_dataset(config)
-    out_dir = args.out or (config.work_dir / "evaluations" / Path(args.model.rstrip("/")).name)
+    model_name = Path(args.model.rstrip("/")).name
+    out_dir = args.out or (config.work_dir / layout.EVALUATIONS_DIR / model_name)
     metrics = evaluate_model(args.model, Path(out_dir), config)
     print(f"accuracy {metrics['accuracy']:.4f}  mean loss {metrics['mean_loss']:.4f}")
-    print(f"report   {Path(out_dir).resolve() / 'report.md'}")
+    print(f"report   {Path(out_dir).resolve() / layout.REPORT_FILE}")
     check_gate(metrics)  # below the gate: one error line, exit 1
     print(f"gate     passed (>= {metrics['gate']['threshold']:.2f})")
     return 0

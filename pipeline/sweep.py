@@ -180,7 +180,7 @@ def hyperparameter_sweep(
         trials += [future.result() for future in futures]
 
     best = best_trial(trials)
-    plot = plot_comparison(trials, base.work_dir.resolve() / "sweeps" / sweep_id / "comparison.png")
+    plot = plot_comparison(trials, base.work_dir.resolve() / layout.sweep_plot(sweep_id))
     create_table_artifact(
         key="sweep-comparison",
         table=comparison_rows(trials, best),

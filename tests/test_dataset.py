@@ -27,6 +27,7 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.base import layout
 from pipeline.base.config import PipelineConfig
 from tasks import dataset
 from tasks.dataset import (
@@ -395,13 +396,13 @@ def test_warm_cache_makes_no_request_and_keeps_the_original_mirrors(server, warm
     config = config_for(cache_dir, server.url("good"))
     uri = prepare_dataset(config)  # the copy is a moved cache: its record gets the new location
     assert read_record(uri)["cache"] == str(cache_dir)
-    record_mtime = (cache_dir / dataset.RECORD_NAME).stat().st_mtime_ns
+    record_mtime = (cache_dir / layout.DATASET_RECORD).stat().st_mtime_ns
     key = cache_key(config)
     assert prepare_dataset(config) == uri
     assert sum(server.requests.values()) == 0
     assert {f["mirror"] for f in read_record(uri)["files"].values()} == {DEBIAN_MIRROR}
     # Nothing rewritten, so the next flow run's cache key matches this one's.
-    assert (cache_dir / dataset.RECORD_NAME).stat().st_mtime_ns == record_mtime
+    assert (cache_dir / layout.DATASET_RECORD).stat().st_mtime_ns == record_mtime
     assert cache_key(config) == key
 
 

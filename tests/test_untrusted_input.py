@@ -19,10 +19,10 @@ import pytest
 from pipeline import cli
 from pipeline.base.config import PipelineConfig
 from pipeline.base.files import MAX_DOCUMENT_BYTES, UnsafeFileError
-from pipeline.base.layout import LATEST, MANIFEST
+from pipeline.base.layout import DATASET_RECORD, LATEST, MANIFEST
 from pipeline.base.logs import step_logger
 from pipeline.base.store import FileStore, IntegrityError, open_store
-from tasks.dataset.cache import RECORD_NAME, read_record
+from tasks.dataset.cache import read_record
 from tasks.evaluate.gate import read_metrics
 from tasks.evaluate.metrics import EvaluationError
 from tasks.publish.step import PublishError, publish_run
@@ -204,7 +204,7 @@ def test_oversized_local_documents_are_refused_unread(tmp_path: Path, dataset_ur
     with pytest.raises(EvaluationError, match=r"metrics\.json: 4294967296 bytes, more than"):
         read_metrics(str(report))
     cache = tmp_path / "cache"
-    sparse(cache / RECORD_NAME, 4 * GIB)
+    sparse(cache / DATASET_RECORD, 4 * GIB)
     with pytest.raises(Exception, match=r"dataset\.json: 4294967296 bytes, more than"):
         read_record(cache.as_uri())
 

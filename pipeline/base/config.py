@@ -16,7 +16,7 @@ from pydantic import AfterValidator, Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from pipeline.base.errors import PipelineError
-from pipeline.base.uris import check_store_uri
+from pipeline.base.uris import check_store_uri, to_uri
 
 DEFAULT_MIRRORS = [
     "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",
@@ -61,6 +61,17 @@ def _check_hosts(hosts: str | None) -> str | None:
 
 MirrorURI = Annotated[str, AfterValidator(_check_mirror)]
 StoreURI = Annotated[str, AfterValidator(_check_store)]
+
+
+def _per_attempt(step: str, retried: bool) -> str:
+    """The description of a `<step>_timeout`: a bound on each attempt, never on the total."""
+    first = f"seconds each attempt of the {step} step may take before it is stopped"
+    if not retried:
+        return f"{first} (the step is not retried: its one attempt is the whole step)"
+    return (
+        f"{first}; the step is retried on a transient error and each retry gets as long "
+        "again (not a bound on all attempts together)"
+    )
 
 
 class PipelineConfig(BaseSettings):
@@ -210,23 +221,22 @@ class PipelineConfig(BaseSettings):
         "step runs as its own flow run of --step-deployment (e.g. its own container on a "
         "Prefect docker work pool)",
     )
-    dataset_timeout: float = Field(
-        default=1800, gt=0, description="seconds the dataset step may take before it is failed"
-    )
+    # Each is Prefect's timeout of ONE attempt of the step's task: a retried step (dataset and
+    # publish retry transient errors) gets it again, so it never bounds all attempts together.
+    dataset_timeout: float = Field(default=1800, gt=0, description=_per_attempt("dataset", True))
     train_timeout: float = Field(
-        default=24 * 3600, gt=0, description="seconds the train step may take before it is failed"
+        default=24 * 3600,
+        gt=0,
+        description=_per_attempt("train", False),
     )
-    evaluate_timeout: float = Field(
-        default=3600, gt=0, description="seconds the evaluate step may take before it is failed"
-    )
-    publish_timeout: float = Field(
-        default=3600, gt=0, description="seconds the publish step may take before it is failed"
-    )
+    evaluate_timeout: float = Field(default=3600, gt=0, description=_per_attempt("evaluate", False))
+    publish_timeout: float = Field(default=3600, gt=0, description=_per_attempt("publish", True))
     step_start_timeout: float = Field(
         default=900,
         gt=0,
         description="deployments runner: seconds a step's flow run may wait to start (a worker "
-        "to pick it up, an image to pull), on top of its step timeout",
+        "to pick it up, an image to pull), on top of its step timeout; the runner waits that "
+        "sum for the step's whole flow run, retries included",
     )
     step_deployment: str = Field(
         default="pipeline-step/step-docker",
@@ -299,8 +309,9 @@ class PipelineConfig(BaseSettings):
     # (its own container, its own Kubernetes job) finds its inputs without being told.
     def data_uri(self) -> str:
         """The dataset cache the dataset step fills."""
-        return self.data_dir.expanduser().resolve().as_uri()
+        return to_uri(self.data_dir)
 
     def run_dir_uri(self) -> str:
         """The run directory the train step fills and evaluate and publish read."""
-        return self.run_dir().resolve().as_uri()
+        # Resolved first, as the train step resolves it: a work dir named '~...' stays relative.
+        return to_uri(self.run_dir().resolve())

@@ -1,13 +1,17 @@
-"""The one atomic write: a reader sees the old file or the whole new one, never half of one.
+"""Local files, one way each: the atomic write, the file hash and the no-link read.
 
-The bytes go to a hidden, uniquely named sibling first (two writers never share a temp file),
-are fsynced, renamed over the target, and the directory is fsynced so that the rename itself
-survives a power loss.
+The atomic write (`atomic_file`; `atomic_write`, `atomic_writer` and `atomic_save` fill it in
+their ways): a reader sees the old file or the whole new one, never half of one. The bytes go
+to a hidden, uniquely named sibling first (two writers never share a temp file), are fsynced,
+renamed over the target (or linked, create-only), and the directory is fsynced so that the
+rename itself survives a power loss. The run directory, the dataset cache and the file://
+store all write through it.
 """
 
 from __future__ import annotations
 
 import errno
+import hashlib
 import os
 import stat
 import tempfile
@@ -22,8 +26,8 @@ from pipeline.base.errors import PipelineError
 MAX_DOCUMENT_BYTES = 16 << 20
 
 
-def fsync_dir(directory: Path) -> None:
-    """Make a rename or unlink in `directory` durable."""
+def _fsync_dir(directory: Path) -> None:
+    """Make a rename, link or unlink in `directory` durable."""
     fd = os.open(directory, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -31,7 +35,7 @@ def fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def temp_sibling(target: Path, suffix: str = ".partial") -> Path:
+def _temp_sibling(target: Path, suffix: str = ".partial") -> Path:
     """A fresh hidden file next to `target` (created empty, mode 0644)."""
     fd, name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=suffix)
     os.fchmod(fd, 0o644)  # mkstemp's 0600 would hide a shared cache or store
@@ -39,41 +43,77 @@ def temp_sibling(target: Path, suffix: str = ".partial") -> Path:
     return Path(name)
 
 
+class TargetExists(FileExistsError):
+    """A create-only atomic write found its target already there (nothing was replaced)."""
+
+
+def _fsync_file(path: Path) -> None:
+    # Opened anew: whoever filled the temp file (a library, boto3's download) may have
+    # replaced it by a rename of its own, and "rb+" works wherever fsync needs a writable fd.
+    with path.open("rb+") as written:
+        os.fsync(written.fileno())
+
+
+def _place(temp: Path, target: Path, create_only: bool) -> None:
+    if not create_only:
+        os.replace(temp, target)
+        return
+    try:
+        os.link(temp, target)  # atomic create-if-absent: fails when `target` exists
+    except FileExistsError:
+        raise TargetExists(errno.EEXIST, "already exists", str(target)) from None
+    temp.unlink()
+
+
 @contextmanager
-def _staged(target: Path, suffix: str = ".partial") -> Iterator[Path]:
-    """A temp sibling that replaces `target` (durably) if the block completes, else goes."""
+def atomic_file(
+    target: Path, *, suffix: str = ".partial", create_only: bool = False
+) -> Iterator[Path]:
+    """The one atomic write: a temp sibling path to fill; when the block completes it is
+    fsynced, renamed over `target` and the directory is fsynced. Removed on any error.
+
+    create_only: never replace an existing `target` (TargetExists, a FileExistsError, instead).
+    `suffix` names the temp file, so that an owner can find what a killed writer left.
+    """
     target.parent.mkdir(parents=True, exist_ok=True)
-    temp = temp_sibling(target, suffix)
+    temp = _temp_sibling(target, suffix)
     try:
         yield temp
-        os.replace(temp, target)
-        fsync_dir(target.parent)
+        _fsync_file(temp)
+        _place(temp, target, create_only)
     except BaseException:
         temp.unlink(missing_ok=True)
         raise
+    _fsync_dir(target.parent)
 
 
 @contextmanager
 def atomic_writer(target: Path, suffix: str = ".partial") -> Iterator[BinaryIO]:
-    """A binary file that replaces `target` only if the block completes; removed otherwise."""
-    with _staged(target, suffix) as temp, temp.open("wb") as sink:
+    """A binary file (e.g. a download streamed into it) that replaces `target` atomically and
+    durably only if the block completes; removed otherwise."""
+    with atomic_file(target, suffix=suffix) as temp, temp.open("wb") as sink:
         yield sink
-        sink.flush()
-        os.fsync(sink.fileno())
 
 
 def atomic_write(target: Path, data: bytes | str) -> None:
     """Write `data` (text is UTF-8) to `target` atomically and durably."""
-    with atomic_writer(target) as sink:
-        sink.write(data.encode() if isinstance(data, str) else data)
+    with atomic_file(target) as temp:
+        temp.write_bytes(data.encode() if isinstance(data, str) else data)
 
 
 def atomic_save(target: Path, save: Callable[[str], object]) -> None:
     """Atomically create `target` with a library's `save(path)` (e.g. MXNet's save_parameters)."""
-    with _staged(target) as temp:
+    with atomic_file(target) as temp:
         save(str(temp))
-        with temp.open("rb+") as written:
-            os.fsync(written.fileno())
+
+
+def file_sha256(source: Path | BinaryIO) -> str:
+    """The SHA-256 (hex) of a file's bytes, streamed: a path (opened here) or a file already
+    opened for reading (e.g. by `open_no_links`), hashed from where it stands."""
+    if isinstance(source, Path):
+        with source.open("rb") as opened:
+            return hashlib.file_digest(opened, "sha256").hexdigest()
+    return hashlib.file_digest(source, "sha256").hexdigest()
 
 
 class UnsafeFileError(PipelineError):

@@ -1,4 +1,5 @@
-"""URIs of local things: the one place a `file://` URI (or a plain path) becomes a path.
+"""URIs of local things: the one place a `file://` URI (or a plain path) becomes a path, and
+the one place a path becomes a `file://` URI (`to_uri`).
 
 The project's default store is `file://artifacts`, i.e. `./artifacts`: in `file://NAME/...`
 a host-like first part is the first path component relative to the working directory (as the
@@ -40,9 +41,14 @@ def local_path(uri: str) -> Path:
     return Path(unquote(parsed.netloc + parsed.path))
 
 
-def to_uri(path: Path | str) -> str:
-    """The absolute file:// URI of a local path."""
-    return Path(path).expanduser().resolve().as_uri()
+def to_uri(path: Path | str, *, follow_links: bool = True) -> str:
+    """The absolute file:// URI of a local path (`~` expanded): the one path -> URI.
+
+    follow_links: resolve symbolic links (the steps' URIs name the real directory); False
+    keeps the path as given, only made absolute (a store's root is named as the user named it).
+    """
+    path = Path(path).expanduser()
+    return (path.resolve() if follow_links else path.absolute()).as_uri()
 
 
 STORE_SCHEMES = ("file", "s3")

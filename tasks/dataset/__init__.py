@@ -7,7 +7,6 @@
 """
 
 from tasks.dataset.cache import (
-    RECORD_NAME,
     cache_key,
     load_dataset,
     prepare_dataset,
@@ -29,7 +28,6 @@ __all__ = [
     "CLASS_NAMES",
     "DEBIAN_DATA_DIR",
     "FILES",
-    "RECORD_NAME",
     "CorruptDataError",
     "DataFile",
     "DatasetError",

@@ -23,16 +23,18 @@ from pathlib import Path
 import numpy as np
 from filelock import FileLock, Timeout
 
+from pipeline.base import layout
 from pipeline.base.config import PipelineConfig
 from pipeline.base.files import (
     MAX_DOCUMENT_BYTES,
     UnsafeFileError,
     atomic_write,
+    file_sha256,
     read_document_file,
 )
 from pipeline.base.logs import step_logger
-from pipeline.base.uris import local_path
-from tasks.dataset.download import PART_SUFFIX, fetch_from_mirrors
+from pipeline.base.uris import local_path, to_uri
+from tasks.dataset.download import fetch_from_mirrors
 from tasks.dataset.idx import (
     FILES,
     CorruptDataError,
@@ -42,8 +44,6 @@ from tasks.dataset.idx import (
     parse_idx,
 )
 
-RECORD_NAME = "dataset.json"
-LOCK_NAME = ".dataset.lock"
 UNKNOWN_MIRROR = "unknown (already in the cache)"
 MISSING = "is missing"
 
@@ -51,7 +51,7 @@ MISSING = "is missing"
 @contextmanager
 def _cache_lock(cache: Path) -> Iterator[None]:
     """Hold the cache's lock file: one process fills the cache, others wait and then reuse it."""
-    lock = FileLock(cache / LOCK_NAME)
+    lock = FileLock(cache / layout.DATASET_LOCK)
     try:
         try:
             lock.acquire(timeout=0)
@@ -62,7 +62,7 @@ def _cache_lock(cache: Path) -> Iterator[None]:
             lock.acquire()
     except OSError as exc:
         raise DatasetError(
-            f"dataset cache {cache}: cannot take its lock file {LOCK_NAME} ({exc}); "
+            f"dataset cache {cache}: cannot take its lock file {layout.DATASET_LOCK} ({exc}); "
             "the cache directory must be writable"
         ) from exc
     try:
@@ -77,8 +77,7 @@ def _cache_problem(path: Path, spec: DataFile) -> str | None:
         size = path.stat().st_size
         if size != spec.nbytes:
             return f"has {size} bytes, expected {spec.nbytes}"
-        with path.open("rb") as file:
-            digest = hashlib.file_digest(file, "sha256").hexdigest()
+        digest = file_sha256(path)
     except FileNotFoundError:
         return MISSING
     except OSError as exc:
@@ -88,7 +87,7 @@ def _cache_problem(path: Path, spec: DataFile) -> str | None:
 
 def _read_record_file(cache: Path) -> dict:
     try:
-        return json.loads(read_document_file(cache / RECORD_NAME, MAX_DOCUMENT_BYTES))
+        return json.loads(read_document_file(cache / layout.DATASET_RECORD, MAX_DOCUMENT_BYTES))
     except (OSError, ValueError, UnsafeFileError):
         return {}  # no (readable) record yet: it is rebuilt from the verified files
 
@@ -104,7 +103,7 @@ def cache_key(config: PipelineConfig) -> str:
     """
     cache = local_path(config.data_uri())
     parts = [str(cache), *(spec.sha256 for spec in FILES.values())]
-    for name in [*(spec.cached_name for spec in FILES.values()), RECORD_NAME]:
+    for name in [*(spec.cached_name for spec in FILES.values()), layout.DATASET_RECORD]:
         try:
             stat = (cache / name).stat()
         except OSError:
@@ -133,7 +132,7 @@ def prepare_dataset(config: PipelineConfig) -> str:
         raise DatasetError(f"dataset cache {cache}: cannot create it ({exc})") from exc
     log = step_logger(__name__)
     with _cache_lock(cache):
-        for stale in cache.glob(f".*{PART_SUFFIX}"):  # left by a killed process
+        for stale in cache.glob(f".*{layout.DATASET_PART_SUFFIX}"):  # left by a killed process
             stale.unlink(missing_ok=True)
         old_record = _read_record_file(cache)
         problems = {
@@ -165,8 +164,8 @@ def prepare_dataset(config: PipelineConfig) -> str:
                 }
         record = {"cache": str(cache), "files": files}
         if record != old_record:
-            atomic_write(cache / RECORD_NAME, json.dumps(record, indent=2))
-    return cache.as_uri()
+            atomic_write(cache / layout.DATASET_RECORD, json.dumps(record, indent=2))
+    return to_uri(cache)
 
 
 def _load_verified(path: Path, spec: DataFile) -> np.ndarray:
@@ -200,7 +199,7 @@ def load_dataset(data_uri: str) -> FashionMNIST:
 def read_record(data_uri: str) -> dict:
     """The lineage record of a dataset cache: its location, and per file the SHA-256 and the
     mirror that served it."""
-    path = local_path(data_uri) / RECORD_NAME
+    path = local_path(data_uri) / layout.DATASET_RECORD
     try:
         return json.loads(read_document_file(path, MAX_DOCUMENT_BYTES))
     except UnsafeFileError as exc:

@@ -19,19 +19,20 @@ from urllib.error import HTTPError, URLError
 from urllib.parse import urljoin, urlparse
 from urllib.request import urlopen
 
+from pipeline.base import layout
 from pipeline.base.config import PipelineConfig
 from pipeline.base.errors import PermanentError
 from pipeline.base.files import atomic_writer
 from pipeline.base.logs import step_logger
+from pipeline.base.uris import to_uri
 from tasks.dataset.idx import CorruptDataError, DataFile, DatasetError, inflate_gzip
 
-PART_SUFFIX = ".part"  # temporary files; only the lock holder writes them
 CHUNK_BYTES = 1 << 20
 # Where Debian's dataset-fashion-mnist package puts its copy (the last default mirror).
 DEBIAN_DATA_DIR = Path("/usr/share/datasets/fashion-mnist")
 DEBIAN_HINT = (
     "no local copy either: `apt-get install dataset-fashion-mnist` provides one at "
-    f"{DEBIAN_DATA_DIR.as_uri()}/ (a default mirror)"
+    f"{to_uri(DEBIAN_DATA_DIR, follow_links=False)}/ (a default mirror)"
 )
 
 # Errors of the local disk, never of a network: no mirror and no retry can make space.
@@ -114,7 +115,10 @@ def _download(url: str, spec: DataFile, target: Path, timeout: float) -> None:
 
 def _stream(url: str, spec: DataFile, target: Path, timeout: float) -> None:
     # `timeout` bounds the connect and every read: a mirror that stalls mid-body raises.
-    with urlopen(url, timeout=timeout) as response, atomic_writer(target, PART_SUFFIX) as sink:
+    with (
+        urlopen(url, timeout=timeout) as response,
+        atomic_writer(target, layout.DATASET_PART_SUFFIX) as sink,
+    ):
         header = response.headers.get("Content-Length", "")
         length = int(header) if header.isdigit() else None
         with _ProgressBar(spec.name, length) as bar:

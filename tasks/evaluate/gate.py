@@ -4,15 +4,12 @@ and one reader of the metrics it is recorded in."""
 from __future__ import annotations
 
 import json
-from pathlib import PurePosixPath
 from typing import Any
 
-from pipeline.base import layout
 from pipeline.base.files import MAX_DOCUMENT_BYTES, UnsafeFileError, read_document_file
+from pipeline.base.layout import METRICS_FILE
 from pipeline.base.uris import local_path
 from tasks.evaluate.metrics import EvaluationError
-
-METRICS_FILE = PurePosixPath(layout.REPORT_METRICS).name
 
 
 class QualityGateFailed(EvaluationError):

@@ -11,6 +11,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from pipeline.base import layout
 from pipeline.base.logs import in_prefect_run
 from tasks.dataset.idx import CLASS_NAMES
 from tasks.evaluate.gate import gate_verdict
@@ -33,12 +34,16 @@ class Picture(NamedTuple):
 
 PICTURE_DPI = 100
 CONFUSION_MATRIX = Picture(
-    "confusion_matrix.png", "Confusion matrix (rows: true class, columns: predicted)", (8.0, 7.0)
+    layout.PICTURE_CONFUSION_MATRIX,
+    "Confusion matrix (rows: true class, columns: predicted)",
+    (8.0, 7.0),
 )
-PER_CLASS_ACCURACY = Picture("per_class_accuracy.png", "Per-class test accuracy", (8.0, 4.5))
-TRAINING_CURVES = Picture("training_curves.png", "Training curves", (10.0, 4.0))
+PER_CLASS_ACCURACY = Picture(
+    layout.PICTURE_PER_CLASS_ACCURACY, "Per-class test accuracy", (8.0, 4.5)
+)
+TRAINING_CURVES = Picture(layout.PICTURE_TRAINING_CURVES, "Training curves", (10.0, 4.0))
 MISCLASSIFIED = Picture(
-    "misclassified.png", "Most confidently misclassified test images", (8.0, 9.0)
+    layout.PICTURE_MISCLASSIFIED, "Most confidently misclassified test images", (8.0, 9.0)
 )
 PICTURES = (CONFUSION_MATRIX, PER_CLASS_ACCURACY, TRAINING_CURVES, MISCLASSIFIED)
 

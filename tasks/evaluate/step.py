@@ -16,6 +16,7 @@ from pipeline.base.files import (
     atomic_write,
     read_document_file,
 )
+from pipeline.base.layout import METRICS_FILE, REPORT_FILE
 from pipeline.base.logs import step_logger
 from pipeline.base.uris import to_uri
 from tasks.dataset import load_dataset
@@ -30,9 +31,6 @@ from tasks.evaluate.report import (
     plot_training_curves,
     render_report,
 )
-
-METRICS_FILE = Path(layout.REPORT_METRICS).name
-REPORT_FILE = Path(layout.REPORT_MARKDOWN).name
 
 
 def _read_text(path: Path) -> str | None:

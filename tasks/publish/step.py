@@ -15,7 +15,6 @@ Order of writes, so that a crash at any point leaves the store consistent:
 
 from __future__ import annotations
 
-import hashlib
 import importlib.metadata
 import random
 import subprocess
@@ -30,6 +29,7 @@ from pipeline.base.errors import PipelineError
 from pipeline.base.files import (
     MAX_DOCUMENT_BYTES,
     UnsafeFileError,
+    file_sha256,
     open_no_links,
     read_document_file,
 )
@@ -238,7 +238,7 @@ def _verify_stored(run_store: ArtifactStore, manifest: Manifest) -> None:
 def _no_link_sha256(run_dir: Path, key: str) -> str:
     try:
         with open_no_links(run_dir, key) as source:
-            return hashlib.file_digest(source, "sha256").hexdigest()
+            return file_sha256(source)
     except UnsafeFileError as exc:  # replaced by a link after the scan
         raise PublishError(f"{exc} (nothing was uploaded)") from None
 

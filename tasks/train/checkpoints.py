@@ -27,11 +27,16 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from pipeline.base import layout
 from pipeline.base.config import ConfigError, PipelineConfig
 from pipeline.base.files import atomic_write
+from pipeline.base.files import file_sha256 as file_sha256  # re-exported: the rank imports it here
 
 # Config fields that shape the training trajectory: a resumed run must use the same values.
 TRAJECTORY_FIELDS = ("batch_size", "lr", "init_sigma", "seed", "validation_fraction")
-ParamsName = Annotated[str, Field(pattern=r"^epoch-[0-9]{4,7}\.params$")]
-OptimizerName = Annotated[str, Field(pattern=r"^epoch-[0-9]{4,7}\.optimizer$")]
+ParamsName = Annotated[
+    str, Field(pattern=layout.checkpoint_file_pattern(layout.CHECKPOINT_WEIGHTS))
+]
+OptimizerName = Annotated[
+    str, Field(pattern=layout.checkpoint_file_pattern(layout.CHECKPOINT_OPTIMIZER))
+]
 Sha256 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
 # The seed's model is 31 KB a file; anything far bigger is not one of ours.
 MAX_CHECKPOINT_FILE_BYTES = 64 * 1024 * 1024
@@ -62,9 +67,9 @@ class Checkpoint(BaseModel):
     @model_validator(mode="after")
     def _names_are_its_own_epochs(self) -> Checkpoint:
         expected = {
-            "params": f"{stem(self.epoch)}.params",
-            "optimizer": f"{stem(self.epoch)}.optimizer",
-            "best_params": f"{stem(self.best_epoch)}.params",
+            "params": stem(self.epoch) + layout.CHECKPOINT_WEIGHTS,
+            "optimizer": stem(self.epoch) + layout.CHECKPOINT_OPTIMIZER,
+            "best_params": stem(self.best_epoch) + layout.CHECKPOINT_WEIGHTS,
         }
         for field, name in expected.items():
             if getattr(self, field) != name:
@@ -85,7 +90,8 @@ def checkpoint_dir(run_dir: Path) -> Path:
 
 
 def stem(epoch: int) -> str:
-    return f"epoch-{epoch:04d}"
+    """The name of an epoch's checkpoint files without their suffix (`layout`'s)."""
+    return layout.checkpoint_stem(epoch)
 
 
 def trajectory_of(config: PipelineConfig) -> dict[str, Any]:
@@ -127,11 +133,6 @@ def _read_regular(path: Path, limit: int) -> bytes | str:
         return source.read(limit + 1)
 
 
-def file_sha256(path: Path) -> str:
-    """The SHA-256 a pointer records for a checkpoint file just written."""
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def file_problem(path: Path, expected_sha256: str) -> str | None:
     """Why `path` cannot be a checkpoint file with that digest; None if it can."""
     data = _read_regular(path, MAX_CHECKPOINT_FILE_BYTES)
@@ -158,7 +159,7 @@ def write_pointer(run_dir: Path, checkpoint: Checkpoint) -> None:
     directory = checkpoint_dir(run_dir)
     atomic_write(run_dir / layout.CHECKPOINT_POINTER, checkpoint.model_dump_json(indent=2))
     keep = checkpoint.files()
-    for path in directory.glob("epoch-*"):
+    for path in directory.glob(f"{layout.CHECKPOINT_EPOCH_PREFIX}*"):
         if path.name not in keep:
             path.unlink(missing_ok=True)
 

@@ -137,17 +137,22 @@ def save_checkpoint(
     epoch, best = history[-1]["epoch"], best_epoch(history)
     directory = checkpoint_dir(run_dir)
     arrays, optimizer_layout, counters = optimizer_state(trainer)
-    atomic_save(directory / f"{stem(epoch)}.params", net.save_parameters)
-    atomic_save(directory / f"{stem(epoch)}.optimizer", lambda path: nd.save(path, arrays))
-    names = {f"{stem(epoch)}.params", f"{stem(epoch)}.optimizer", f"{stem(best)}.params"}
+    params, optimizer = (
+        stem(epoch) + layout.CHECKPOINT_WEIGHTS,
+        stem(epoch) + layout.CHECKPOINT_OPTIMIZER,
+    )
+    best_params = stem(best) + layout.CHECKPOINT_WEIGHTS
+    atomic_save(directory / params, net.save_parameters)
+    atomic_save(directory / optimizer, lambda path: nd.save(path, arrays))
+    names = {params, optimizer, best_params}
     checkpoint = Checkpoint(
         epoch=epoch,
-        params=f"{stem(epoch)}.params",
-        optimizer=f"{stem(epoch)}.optimizer",
+        params=params,
+        optimizer=optimizer,
         optimizer_layout=optimizer_layout,
         optimizer_counters=counters,
         best_epoch=best,
-        best_params=f"{stem(best)}.params",
+        best_params=best_params,
         digests={name: file_sha256(directory / name) for name in names},
         history=history,
         trajectory=trajectory_of(config),

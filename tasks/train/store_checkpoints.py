@@ -10,7 +10,6 @@ the store: ranks never see store credentials. Epoch files are content-addressed 
 
 from __future__ import annotations
 
-import hashlib
 import re
 import threading
 from pathlib import Path
@@ -19,14 +18,16 @@ from pydantic import ValidationError
 
 from pipeline.base import layout
 from pipeline.base.config import ConfigError, PipelineConfig
-from pipeline.base.files import atomic_write, open_no_links, read_document_file
+from pipeline.base.files import atomic_write, file_sha256, open_no_links, read_document_file
 from pipeline.base.logs import step_logger
 from pipeline.base.store import ArtifactStore, open_store
 from tasks.train.checkpoints import MAX_POINTER_BYTES, Checkpoint, checkpoint_dir
 from tasks.train.launcher import block_stop_signals
 
 POINTER_NAME = Path(layout.CHECKPOINT_POINTER).name
-EPOCH_FILE = re.compile(r"^epoch-([0-9]{4,7})\.(?:params|optimizer)$")
+EPOCH_FILE = re.compile(
+    layout.checkpoint_file_pattern(layout.CHECKPOINT_WEIGHTS, layout.CHECKPOINT_OPTIMIZER)
+)
 
 # --- pure core ------------------------------------------------------------------------------
 
@@ -120,7 +121,7 @@ def _no_link_sha256(directory: Path, name: str) -> str:
     """The SHA-256 of a checkpoint file; UnsafeFileError (the mirror's warning) for a link,
     which would copy whatever it points at into the store."""
     with open_no_links(directory, name) as source:
-        return hashlib.file_digest(source, "sha256").hexdigest()
+        return file_sha256(source)
 
 
 class CheckpointMirror:

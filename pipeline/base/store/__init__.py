@@ -1,8 +1,9 @@
 """Artifact stores: one small interface over a local directory (file://) and S3 (s3://).
 
-Writes are atomic on both backends (S3 objects appear whole; files are written to a hidden
-temp file and renamed), and both support the two conditional writes the publish step needs:
-if-none-match (create only) and if-match (replace only the version that was read).
+Writes are atomic on both backends (S3 objects appear whole; files go through the one atomic
+write of `pipeline.base.files`: a hidden temp file, fsynced, renamed, its directory fsynced),
+and both support the two conditional writes the publish step needs: if-none-match (create
+only) and if-match (replace only the version that was read).
 A store is built from its URI and what it needs (an S3 endpoint, whether it may create its
 bucket), never from the pipeline's whole configuration.
 """
@@ -23,7 +24,6 @@ from pipeline.base.store.base import (
     StoreError,
     content_type,
     safe_relative,
-    sha256_file,
 )
 from pipeline.base.store.documents import (
     Manifest,
@@ -33,7 +33,7 @@ from pipeline.base.store.documents import (
     parse_document,
 )
 from pipeline.base.store.file import FileStore
-from pipeline.base.uris import check_store_uri, local_path
+from pipeline.base.uris import check_store_uri, local_path, to_uri
 
 __all__ = [
     "ArtifactStore",
@@ -51,7 +51,6 @@ __all__ = [
     "read_manifest",
     "verify_local_run",
     "safe_relative",
-    "sha256_file",
 ]
 
 
@@ -124,7 +123,7 @@ def materialize(
     unfinished); else a remote run without one is copied as it is (the flow's own run).
     """
     if "://" not in uri:
-        uri = Path(uri).expanduser().absolute().as_uri()
+        uri = to_uri(uri, follow_links=False)
     store = open_store(uri, endpoint_url=endpoint_url, timeouts=timeouts)
     local = store.local_root()
     if local is not None:

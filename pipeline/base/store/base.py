@@ -8,10 +8,8 @@ and a pulled copy are handled alike.
 
 from __future__ import annotations
 
-import hashlib
+import contextlib
 import mimetypes
-import os
-import uuid
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -19,7 +17,7 @@ from pathlib import Path, PurePosixPath
 from typing import NamedTuple, TypeVar
 
 from pipeline.base.errors import PipelineError
-from pipeline.base.files import MAX_DOCUMENT_BYTES
+from pipeline.base.files import MAX_DOCUMENT_BYTES, atomic_file, file_sha256
 
 SHA256_METADATA = "sha256"  # our whole-file digest: multipart S3 checksums are per part
 
@@ -60,16 +58,6 @@ class Blob(NamedTuple):
 
     data: bytes
     etag: str
-
-
-def sha256_file(path: Path) -> str:
-    with path.open("rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-
-def temp_path(path: Path) -> Path:
-    """A hidden, unique sibling of `path` to write into before renaming it into place."""
-    return path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.partial")
 
 
 def check_key(key: str) -> str:
@@ -215,33 +203,30 @@ class ArtifactStore(ABC):
     def fetch(self, expected: Mapping[str, ObjectInfo | None], dest: Path) -> Path:
         """Download objects into `dest`: key -> the size and SHA-256 they must have (None: any).
 
-        Each object lands under a hidden temp name and is renamed into place only once it
-        matched, so `dest` never holds a file with unverified bytes.
+        Each object lands in a temp file of the one atomic write (pipeline.base.files), placed
+        (fsynced, renamed, directory fsynced) only once every object matched, so `dest` never
+        holds a file with unverified bytes.
         """
-        staged: dict[str, Path] = {}
         try:
-            for key in expected:
-                final = dest / safe_relative(key)
-                final.parent.mkdir(parents=True, exist_ok=True)
-                staged[key] = temp_path(final)
-            self._download({key: (part, expected[key]) for key, part in staged.items()})
-            for key, part in staged.items():
-                want = expected[key]
-                got = (
-                    ObjectInfo(part.stat().st_size, sha256_file(part)) if want is not None else None
-                )
-                if got != want:
-                    raise IntegrityError(
-                        f"{self.key_uri(key)}: stored bytes have size {got.size} and SHA-256 "
-                        f"{got.sha256}, but the manifest says {want.size} and {want.sha256}"
-                    )
-                os.replace(part, dest / safe_relative(key))
+            with contextlib.ExitStack() as staging:
+                staged = {
+                    key: staging.enter_context(atomic_file(dest / safe_relative(key)))
+                    for key in expected
+                }
+                self._download({key: (part, expected[key]) for key, part in staged.items()})
+                for key, part in staged.items():
+                    self._check_fetched(key, part, expected[key])
         except OSError as exc:
             raise StoreError(f"cannot write into {dest}: {exc.strerror or exc}") from exc
-        finally:
-            for part in staged.values():
-                part.unlink(missing_ok=True)
         return dest
+
+    def _check_fetched(self, key: str, part: Path, want: ObjectInfo | None) -> None:
+        got = ObjectInfo(part.stat().st_size, file_sha256(part)) if want is not None else None
+        if got != want:
+            raise IntegrityError(
+                f"{self.key_uri(key)}: stored bytes have size {got.size} and SHA-256 "
+                f"{got.sha256}, but the manifest says {want.size} and {want.sha256}"
+            )
 
 
 def content_type(key: str) -> str:

@@ -13,7 +13,15 @@ from typing import BinaryIO
 
 import filelock
 
-from pipeline.base.files import MAX_DOCUMENT_BYTES, UnsafeFileError, open_no_links, read_bounded
+from pipeline.base.files import (
+    MAX_DOCUMENT_BYTES,
+    TargetExists,
+    UnsafeFileError,
+    atomic_file,
+    file_sha256,
+    open_no_links,
+    read_bounded,
+)
 from pipeline.base.store.base import (
     ArtifactStore,
     Blob,
@@ -22,9 +30,9 @@ from pipeline.base.store.base import (
     ObjectInfo,
     StoreError,
     safe_relative,
-    temp_path,
     too_large,
 )
+from pipeline.base.uris import to_uri
 
 LOCK_TIMEOUT_S = 60
 
@@ -34,7 +42,7 @@ class FileStore(ArtifactStore):
 
     def __init__(self, root: Path) -> None:
         self.root = root.expanduser().absolute()
-        self.uri = self.root.as_uri()
+        self.uri = to_uri(self.root, follow_links=False)
 
     def local_root(self) -> Path:
         return self.root
@@ -44,6 +52,10 @@ class FileStore(ArtifactStore):
 
     def _path(self, key: str) -> Path:
         return self.root / safe_relative(key)
+
+    @staticmethod
+    def _uri_of(path: Path) -> str:
+        return to_uri(path, follow_links=False)  # as the root's: the path as the user named it
 
     @contextlib.contextmanager
     def _os_errors(self, action: str, path: Path) -> Iterator[None]:
@@ -56,37 +68,18 @@ class FileStore(ArtifactStore):
             ) from exc
 
     @contextlib.contextmanager
-    def _staged(self, path: Path) -> Iterator[Path]:
-        """A hidden temp file next to `path`, removed unless the caller renamed it."""
+    def _atomic(self, path: Path, create_only: bool = False) -> Iterator[Path]:
+        """The one atomic write (pipeline.base.files) of `path`, its errors the store's."""
         with self._os_errors("write", path):
-            path.parent.mkdir(parents=True, exist_ok=True)
-        temp = temp_path(path)
-        try:
-            with self._os_errors("write", path):
-                yield temp
-        finally:
-            temp.unlink(missing_ok=True)
-
-    @staticmethod
-    def _fsync(path: Path) -> None:
-        # Rename is atomic for readers; fsync first so a power loss cannot leave an empty file.
-        with path.open("rb+") as f:
-            os.fsync(f.fileno())
-
-    def _place(self, temp: Path, path: Path, create_only: bool) -> None:
-        if not create_only:
-            os.replace(temp, path)
-            return
-        try:
-            os.link(temp, path)  # atomic create-if-absent: fails when `path` exists
-        except FileExistsError:
-            raise ConflictError(f"{path.as_uri()} already exists") from None
+            try:
+                with atomic_file(path, create_only=create_only) as temp:
+                    yield temp
+            except TargetExists:  # an OSError: caught before _os_errors makes it a StoreError
+                raise ConflictError(f"{self._uri_of(path)} already exists") from None
 
     def _write(self, path: Path, data: bytes, create_only: bool = False) -> None:
-        with self._staged(path) as temp:
+        with self._atomic(path, create_only) as temp:
             temp.write_bytes(data)
-            self._fsync(temp)
-            self._place(temp, path, create_only)
 
     def ensure_writable(self) -> None:
         with self._os_errors("create directory", self.root):
@@ -130,8 +123,7 @@ class FileStore(ArtifactStore):
         with self._reading(key) as source:
             if source is None:
                 return None
-            digest = hashlib.file_digest(source, "sha256").hexdigest()
-            return ObjectInfo(os.fstat(source.fileno()).st_size, digest)
+            return ObjectInfo(os.fstat(source.fileno()).st_size, file_sha256(source))
 
     rehash = stat  # a local file has no separately recorded digest
 
@@ -159,7 +151,7 @@ class FileStore(ArtifactStore):
             with self._os_errors("lock", path), lock:
                 current = self.get(key)
                 if current is None or current.etag != if_match:
-                    raise ConflictError(f"{path.as_uri()} changed since it was read")
+                    raise ConflictError(f"{self._uri_of(path)} changed since it was read")
                 self._write(path, data)
         except filelock.Timeout as exc:
             raise StoreError(f"{lock.lock_file}: still locked after {LOCK_TIMEOUT_S} s") from exc
@@ -167,14 +159,11 @@ class FileStore(ArtifactStore):
     def upload(self, files: Mapping[str, tuple[Path, str]], *, create_only: bool = False) -> None:
         lost = []
         for key, (source, _digest) in files.items():
-            target = self._path(key)
-            with self._staged(target) as temp:
-                shutil.copyfile(source, temp)
-                self._fsync(temp)
-                try:
-                    self._place(temp, target, create_only)
-                except ConflictError:
-                    lost.append(key)  # the others still go: the caller compares them all
+            try:
+                with self._atomic(self._path(key), create_only) as temp:
+                    shutil.copyfile(source, temp)
+            except ConflictError:
+                lost.append(key)  # the others still go: the caller compares them all
         if lost:
             raise ConflictError(f"{self.key_uri(lost[0])} (and {len(lost) - 1} more) exist")
 
