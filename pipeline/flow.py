@@ -138,6 +138,16 @@ def step_task(step: StepName, config: PipelineConfig) -> Task:
     return STEP_TASKS[step].with_options(timeout_seconds=config.step_timeout(step))
 
 
+def step_budget(step: StepName, config: PipelineConfig) -> float:
+    """The most seconds `step` may take with all its attempts: its timeout bounds one attempt,
+    and a retried step may also wait out its retry delays."""
+    task_ = STEP_TASKS[step]
+    retries = task_.retries or 0
+    delays = task_.retry_delay_seconds or 0
+    waited = sum(delays) if isinstance(delays, list) else retries * float(delays)
+    return (retries + 1) * config.step_timeout(step) + waited
+
+
 def step_output(step: StepName, config: PipelineConfig) -> str:
     """Where `step` leaves what it made, as the config says: the dataset cache, the run
     directory (train, evaluate), or the published run."""
@@ -198,7 +208,7 @@ class StepRunner:
         # the paths of the step's own container, stay the worker's.
         overrides = self.config.model_dump(mode="json", exclude_unset=True)
         # Bounded: a flow run that never starts (no worker) or never ends fails this step.
-        deadline = self.config.step_start_timeout + self.config.step_timeout(step)
+        deadline = self.config.step_start_timeout + step_budget(step, self.config)
         flow_run = run_deployment(
             self.config.step_deployment,
             parameters={"step": step, "config": overrides},

@@ -235,8 +235,8 @@ class PipelineConfig(BaseSettings):
         default=900,
         gt=0,
         description="deployments runner: seconds a step's flow run may wait to start (a worker "
-        "to pick it up, an image to pull), on top of its step timeout; the runner waits that "
-        "sum for the step's whole flow run, retries included",
+        "to pick it up, an image to pull), on top of its step timeout times its attempts "
+        "(and retry delays): the runner waits that long for the step's whole flow run",
     )
     step_deployment: str = Field(
         default="pipeline-step/step-docker",
