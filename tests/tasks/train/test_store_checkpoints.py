@@ -1,12 +1,11 @@
-"""Issue 22, item 5: the artifact store keeps the last K epochs' checkpoint files plus what
---resume needs, not every epoch's. Caused for real: twelve epochs of real checkpoint files and
-pointers written as rank 0 writes them, mirrored to a real directory and a real SeaweedFS store
-after each epoch, then restored into an empty run directory; and one real training run."""
+"""tasks/train/store_checkpoints.py: the artifact store keeps the last K epochs' checkpoint
+files plus what --resume needs, not every epoch's. Caused for real: twelve epochs of real
+checkpoint files and pointers written as rank 0 writes them, mirrored to a real directory and a
+real SeaweedFS store after each epoch, then restored into an empty run directory; and one real
+training run."""
 
 from __future__ import annotations
 
-import hashlib
-import os
 from pathlib import Path
 from urllib.parse import urlparse
 from urllib.request import url2pathname
@@ -18,40 +17,14 @@ from pipeline.base.layout import CHECKPOINTS, run_key
 from pipeline.base.store import open_store
 from tasks.dataset import prepare_dataset
 from tasks.train.checkpoints import (
-    NDARRAY_LIST_HEADER,
-    Checkpoint,
     checkpoint_dir,
     stem,
-    trajectory_of,
     verify_files,
-    write_pointer,
 )
 from tasks.train.store_checkpoints import expired_files, mirror_checkpoint, restore_checkpoint
+from tests.support.checkpoints import write_epoch
 
 DEBIAN_MIRROR = "file:///usr/share/datasets/fashion-mnist/"
-BEST_EPOCH = 3  # validation picked an early epoch: resume needs its weights, however old
-
-
-def write_epoch(run_dir: Path, epoch: int, config: PipelineConfig) -> Checkpoint:
-    """What rank 0 leaves after `epoch`: its files (NDArray-format bytes), then the pointer."""
-    directory = checkpoint_dir(run_dir)
-    directory.mkdir(parents=True, exist_ok=True)
-    best = min(epoch, BEST_EPOCH)
-    for name in (f"{stem(epoch)}.params", f"{stem(epoch)}.optimizer"):
-        (directory / name).write_bytes(NDARRAY_LIST_HEADER + os.urandom(4096))
-    names = {f"{stem(epoch)}.params", f"{stem(epoch)}.optimizer", f"{stem(best)}.params"}
-    checkpoint = Checkpoint(
-        epoch=epoch,
-        params=f"{stem(epoch)}.params",
-        optimizer=f"{stem(epoch)}.optimizer",
-        best_epoch=best,
-        best_params=f"{stem(best)}.params",
-        digests={n: hashlib.sha256((directory / n).read_bytes()).hexdigest() for n in names},
-        history=[{"epoch": e} for e in range(1, epoch + 1)],
-        trajectory=trajectory_of(config),
-    )
-    write_pointer(run_dir, checkpoint)
-    return checkpoint
 
 
 def test_twelve_epochs_leave_the_last_two_and_what_resume_needs(
@@ -94,6 +67,7 @@ def test_expired_files_keep_newer_epochs_and_what_the_pointer_names(tmp_path: Pa
     )
 
 
+@pytest.mark.integration
 @pytest.mark.timeout(600)
 def test_a_real_training_keeps_only_the_configured_epochs_in_the_store(tmp_path: Path) -> None:
     from tasks.train.step import train
