@@ -13,6 +13,8 @@ import pytest
 from pipeline.base.config import PipelineConfig
 from pipeline.flow import QualityGateFailed, training_pipeline
 
+pytestmark = pytest.mark.integration  # real flow runs that train
+
 DEBIAN_MIRROR = "file:///usr/share/datasets/fashion-mnist/"
 
 

@@ -17,6 +17,8 @@ import pytest
 from tests.support.prefect_server import REPO, api
 from tests.support.seaweedfs import free_port
 
+pytestmark = pytest.mark.integration  # `pipeline` subprocesses and Prefect servers
+
 PIPELINE = str(Path(sys.executable).with_name("pipeline"))
 DEBIAN_MIRROR = "file:///usr/share/datasets/fashion-mnist/"
 RUN_TIMEOUT_S = 600

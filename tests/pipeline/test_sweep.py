@@ -56,8 +56,14 @@ def test_the_best_trial_is_chosen_by_validation_never_by_test_accuracy():
     assert rows[1]["test_accuracy"] == 0.85
 
 
-def test_the_comparison_plot_has_one_panel_per_parameter(tmp_path):
+def test_the_comparison_plot_is_4_5_inches_wide_per_parameter(tmp_path):
+    """What the PNG shows of its panels: its size. plot_comparison keeps its figure to itself,
+    so the panels themselves are not counted; the width grows by one panel per parameter."""
     trials = [trial(str(i), 0.8 + i / 100, 0.8, lr=lr, epochs=5) for i, lr in enumerate([0.1, 0.3])]
     path = plot_comparison(trials, tmp_path / "sweep" / "comparison.png")
     with Image.open(path) as image:
         assert image.size == (900, 400)  # 2 panels x 4.5 in, 4 in, at 100 dpi
+    for params in ({"lr": 0.1}, {"lr": 0.1, "epochs": 5, "batch_size": 64}):
+        one = plot_comparison([trial("a", 0.8, 0.8, **params)], tmp_path / f"{len(params)}.png")
+        with Image.open(one) as image:
+            assert image.size == (450 * len(params), 400)

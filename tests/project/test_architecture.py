@@ -16,6 +16,16 @@ ROOT = REPO
 PACKAGES = ("pipeline", "tasks")
 MAX_FILE_LINES = 500
 MAX_FUNCTION_LINES = 60
+# The train step's modules that run in the flow's or the CLI's process (tasks/train/__init__.py).
+LAUNCHER_SIDE = (
+    "tasks.train.step",
+    "tasks.train.launcher",
+    "tasks.train.rendezvous",
+    "tasks.train.supervisor",
+    "tasks.train.store_checkpoints",
+)
+# What the flow's and the CLI's process import at start (train, evaluate run lazily).
+ORCHESTRATION = ("pipeline.flow", "pipeline.cli", "pipeline.commands", "pipeline.sweep")
 
 
 def floor(module: str) -> int:
@@ -59,7 +69,7 @@ def test_no_module_imports_from_a_floor_above_it() -> None:
 
 
 def test_the_launcher_side_never_imports_the_rank_side() -> None:
-    launcher_side = ("tasks.train.step", "tasks.train.launcher", "tasks.train.rendezvous")
+    launcher_side = LAUNCHER_SIDE
     rank_only = ("tasks.train.rank", "tasks.train.model")
     paths = modules()
     crossing = [
@@ -72,9 +82,12 @@ def test_the_launcher_side_never_imports_the_rank_side() -> None:
 
 
 def _loaded_after_import(module: str) -> set[str]:
+    """The top-level packages of interest loaded by importing `module` in a fresh process (and
+    'horovod.mxnet', Horovod's MXNet binding, apart from the rest of horovod)."""
     code = (
         f"import sys, {module}; "
-        "print(sorted({m.split('.')[0] for m in sys.modules} & {'mxnet', 'horovod', 'boto3'}))"
+        "print(sorted({m.split('.')[0] for m in sys.modules} & {'mxnet', 'horovod', 'boto3'} "
+        "| {m for m in sys.modules if m == 'horovod.mxnet'}))"
     )
     result = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120
@@ -83,9 +96,16 @@ def _loaded_after_import(module: str) -> set[str]:
     return set(ast.literal_eval(result.stdout.strip().splitlines()[-1]))
 
 
-@pytest.mark.parametrize("module", ["pipeline.flow", "pipeline.cli", "tasks.train.launcher"])
+@pytest.mark.parametrize("module", [*ORCHESTRATION, "tasks.train.launcher"])
 def test_the_flow_process_loads_no_mxnet_or_horovod(module: str) -> None:
     assert _loaded_after_import(module) & {"mxnet", "horovod"} == set()
+
+
+@pytest.mark.parametrize("module", LAUNCHER_SIDE)
+def test_the_launcher_side_loads_no_mxnet(module: str) -> None:
+    """Only the rank side trains; the launcher side may load horovod.runner (rendezvous.py
+    serves Horovod's Gloo rendezvous), never MXNet or Horovod's MXNet binding."""
+    assert _loaded_after_import(module) & {"mxnet", "horovod.mxnet"} == set()
 
 
 def test_no_file_over_500_lines_and_no_function_over_60() -> None:

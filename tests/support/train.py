@@ -24,12 +24,17 @@ DEBIAN_MIRROR = "file:///usr/share/datasets/fashion-mnist/"
 DEADLINE_S = 300  # bound of every wait on a training process
 # Two names of this machine, so two "hosts" of a rendezvous job on loopback.
 TWO_HOSTS = "localhost:1,127.0.0.1:1"
-HEAD_START_S = 3  # how long host 1 runs alone before host 0 starts
 # train() in a process of its own, as a pod (or the CLI) runs it; prints the run dir URI.
 TRAIN_SCRIPT = (
     "import sys; from pipeline.base.config import PipelineConfig; "
     "from tasks.train.step import train; "
     "print(train(PipelineConfig.model_validate_json(sys.argv[1]), sys.argv[2]))"
+)
+
+
+# The same with the step's log lines on stderr: a test can wait for "joining the Gloo rendezvous".
+LOGGING_TRAIN_SCRIPT = (
+    "import logging; logging.basicConfig(level=logging.INFO, format='%(message)s'); " + TRAIN_SCRIPT
 )
 
 
@@ -82,8 +87,10 @@ def job_config(work_dir: Path, index: int, port: int, **overrides) -> PipelineCo
     return run_config(work_dir / f"host-{index}", "job", **{**job, **overrides})
 
 
-def start_host(config: PipelineConfig, data_uri: str) -> subprocess.Popen:
-    command = [sys.executable, "-c", TRAIN_SCRIPT, config.model_dump_json(), data_uri]
+def start_host(
+    config: PipelineConfig, data_uri: str, script: str = TRAIN_SCRIPT
+) -> subprocess.Popen:
+    command = [sys.executable, "-c", script, config.model_dump_json(), data_uri]
     return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 

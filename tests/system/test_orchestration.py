@@ -22,7 +22,7 @@ DEBIAN_MIRROR = "file:///usr/share/datasets/fashion-mnist/"
 POOL = "fashion-process"
 RUN_TIMEOUT_S = 300
 
-pytestmark = pytest.mark.timeout(600)
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 
 
 @pytest.fixture(scope="module")

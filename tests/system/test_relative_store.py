@@ -15,6 +15,8 @@ from PIL import Image
 
 from tests.support import REPO
 
+pytestmark = pytest.mark.integration  # `pipeline` subprocesses that train
+
 DEBIAN_MIRROR = "file:///usr/share/datasets/fashion-mnist/"
 PIPELINE = [sys.executable, "-m", "pipeline.cli"]
 TIMEOUT_S = 300

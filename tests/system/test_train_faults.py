@@ -33,6 +33,8 @@ from pipeline.base.config import ConfigError, PipelineConfig
 from tasks.train.checkpoints import check_resumable
 from tests.support.train import DEBIAN_MIRROR, history, path_of, rank_processes, run_config
 
+pytestmark = pytest.mark.integration  # trainings, signals and subprocesses
+
 DEADLINE_S = 300  # bound of every wait for a training to reach a point
 EXIT_S = 60  # bound of every wait for a signalled process (and all it started) to end
 SECRETS = {

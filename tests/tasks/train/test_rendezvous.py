@@ -3,10 +3,13 @@ horovodrun, no ssh), and the Gloo interface."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import queue
 import re
 import socket
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -16,12 +19,12 @@ import pytest
 
 import tasks.train.step as train_module
 from tasks.train.history import TrainingError
-from tasks.train.rendezvous import route_interface
+from tasks.train.rendezvous import RENDEZVOUS_RETRY_S, route_interface
 from tasks.train.step import train
 from tests.support.seaweedfs import free_port
 from tests.support.train import (
     DEADLINE_S,
-    HEAD_START_S,
+    LOGGING_TRAIN_SCRIPT,
     finish,
     history,
     job_config,
@@ -53,6 +56,7 @@ def without_seconds(records: list[dict]) -> list[dict]:
     return [{key: value for key, value in record.items() if key != "seconds"} for record in records]
 
 
+@pytest.mark.integration
 def test_two_hosts_without_ssh_train_the_horovodrun_model(two_hosts, np2_run) -> None:
     host_zero, host_one = two_hosts
     np2_dir, _ = np2_run
@@ -74,26 +78,44 @@ def test_two_hosts_without_ssh_train_the_horovodrun_model(two_hosts, np2_run) ->
     assert wait_until_no_ranks(host_zero) == [] and wait_until_no_ranks(host_one) == []
 
 
+@pytest.mark.integration
 def test_a_host_started_before_host_zero_waits_for_its_rendezvous(
     tmp_path: Path, data_uri: str
 ) -> None:
+    """Host 1 alone reaches its rendezvous wait (its log line says so: the event waited for,
+    at most DEADLINE_S), and through RENDEZVOUS_RETRY_S more, a refused connection and a retry,
+    it neither gives up nor starts a rank; then host 0 comes and both finish."""
     port = free_port()
     host_zero, host_one = configs = [
         job_config(tmp_path, index, port, epochs=1) for index in (0, 1)
     ]
     with job_hosts(configs) as hosts:
-        hosts.append(start_host(host_one, data_uri))
-        time.sleep(HEAD_START_S)
-        assert hosts[0].poll() is None, f"host 1 gave up alone: {finish(hosts[0])[2]}"
-        assert rank_processes(host_one.run_dir().resolve()) == [], "rank 1 started alone"
+        hosts.append(start_host(host_one, data_uri, LOGGING_TRAIN_SCRIPT))
+        lines: queue.Queue[str] = queue.Queue()
+        reader = threading.Thread(target=lambda: [lines.put(x) for x in hosts[0].stderr])
+        reader.start()
+        seen: list[str] = []
+        deadline = time.monotonic() + DEADLINE_S
+        while not any("host 1: joining the Gloo rendezvous" in line for line in seen):
+            assert time.monotonic() < deadline, f"host 1 never reached its rendezvous: {seen}"
+            with contextlib.suppress(queue.Empty):
+                seen.append(lines.get(timeout=1))
+            assert hosts[0].poll() is None or not lines.empty(), f"host 1 ended: {seen}"
+        waiting_until = time.monotonic() + RENDEZVOUS_RETRY_S
+        while time.monotonic() < waiting_until + 0.5:  # past one refused connection and retry
+            assert hosts[0].poll() is None, f"host 1 gave up alone: {seen}"
+            assert rank_processes(host_one.run_dir().resolve()) == [], "rank 1 started alone"
+            time.sleep(0.1)
         hosts.append(start_host(host_zero, data_uri))
-        for host in hosts:
-            code, _, err = finish(host)
-            assert code == 0, err
+        code, _, err = finish(hosts[1])
+        assert code == 0, err
+        assert hosts[0].wait(timeout=DEADLINE_S) == 0, "".join(seen)
+        reader.join(timeout=DEADLINE_S)
     summary = json.loads((host_zero.run_dir() / "metrics" / "train.json").read_text())
     assert (summary["epochs"], summary["num_proc"]) == (1, 2)
 
 
+@pytest.mark.integration
 def test_a_host_whose_host_zero_never_comes_fails_in_bounded_time(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -117,6 +139,7 @@ def test_a_host_whose_host_zero_never_comes_fails_in_bounded_time(
     assert rank_processes(config.run_dir().resolve()) == []
 
 
+@pytest.mark.integration
 def test_a_host_zero_whose_other_host_never_comes_fails_and_stops_its_rendezvous(
     tmp_path: Path, data_uri: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -147,6 +170,7 @@ def _kill_host_one_after_first_epoch(host: subprocess.Popen, run_dir: Path, outc
     outcome["killed"] = False
 
 
+@pytest.mark.integration
 def test_host_zero_goes_on_alone_when_the_other_host_dies(
     tmp_path: Path, data_uri: str, five_epochs: Path
 ) -> None:
@@ -169,6 +193,7 @@ def test_host_zero_goes_on_alone_when_the_other_host_dies(
         np.testing.assert_allclose(alone[key], uninterrupted[key], rtol=0, atol=1e-5)
 
 
+@pytest.mark.integration
 def test_a_host_zero_whose_rendezvous_port_is_taken_fails_naming_it(tmp_path: Path) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
@@ -180,6 +205,7 @@ def test_a_host_zero_whose_rendezvous_port_is_taken_fails_naming_it(tmp_path: Pa
             train(job_config(tmp_path, 0, port), "file:///nowhere")
 
 
+@pytest.mark.integration
 def test_a_rank_error_on_one_host_fails_every_host_naming_its_rank(
     tmp_path: Path, data_uri: str
 ) -> None:

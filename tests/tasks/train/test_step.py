@@ -19,6 +19,9 @@ from tests.support.train import history, parameters, path_of, run_config, wait_u
 # ----------------------------------------------------------------------------- real trainings
 
 
+pytestmark = pytest.mark.integration  # real horovodrun trainings
+
+
 def test_one_and_two_ranks_train_the_same_model(np1_run: Path, np2_run) -> None:
     np2_dir, _ = np2_run
     one, two = parameters(np1_run), parameters(np2_dir)

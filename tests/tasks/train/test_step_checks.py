@@ -50,6 +50,7 @@ def test_resume_without_checkpoint_fails_before_any_process_starts(tmp_path: Pat
     _assert_nothing_started(config)
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [

@@ -17,6 +17,8 @@ import tasks.train.step as train_step
 from pipeline.base.config import PipelineConfig
 from pipeline.base.uris import local_path
 
+pytestmark = pytest.mark.integration  # real trainings
+
 DEBIAN_MIRROR = "file:///usr/share/datasets/fashion-mnist/"
 
 

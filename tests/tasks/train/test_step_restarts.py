@@ -32,6 +32,8 @@ from tests.support.train import (
     wait_until_no_ranks,
 )
 
+pytestmark = pytest.mark.integration  # real horovodrun trainings, ranks killed
+
 
 def _kill_rank_one_after_first_epoch(run_dir: Path, outcome: dict) -> None:
     """SIGKILL rank 1 as soon as epoch 1 is reported (bounded in time)."""
