@@ -104,7 +104,7 @@ def test_the_checks_see_what_they_check() -> None:
     main = ROOT / "README.md"
     assert "pipeline/base/config.py" in named_paths(main)
     assert (
-        "test_untrusted_input.py",
+        "tests/system/test_untrusted_input.py",
         "test_control_bytes_from_a_store_are_escaped_in_list_show_verify_and_logs",
     ) in named_tests(main)
     assert "model/model.params" not in named_paths(main)

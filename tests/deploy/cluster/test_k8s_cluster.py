@@ -2,8 +2,8 @@
 apply, admission, a run once, the CronJob on demand and on its schedule, a pod killed
 mid-training, a missing Secret.
 
-Tier `cluster`: the cluster comes from tests/k8s_cluster.py, the deployed dev overlay (`dev`)
-from tests/conftest.py and tests/support/k8s_deploy.py.
+Tier `cluster`: the cluster and the deployed dev overlay (`dev`) come from
+tests/deploy/cluster/conftest.py (helpers: tests/support/k8s_cluster.py, k8s_deploy.py).
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ pytestmark = [pytest.mark.cluster, pytest.mark.timeout(2400)]
 
 
 def test_the_teardown_check_sees_a_running_cluster(k8s_cluster):
-    """The check run after `cluster.sh down` (tests/k8s_cluster.py) can fail: while the cluster
+    """The check run after `cluster.sh down` (tests/support/k8s_cluster.py) can fail: while the cluster
     runs, it finds its processes, bridge, iptables chains and changed sysctls."""
     if k8s_cluster.state_dir is None:
         pytest.skip("your own cluster: nothing was brought up here, nothing is torn down")
