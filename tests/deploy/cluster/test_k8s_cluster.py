@@ -43,8 +43,8 @@ pytestmark = [pytest.mark.cluster, pytest.mark.timeout(2400)]
 
 
 def test_the_teardown_check_sees_a_running_cluster(k8s_cluster):
-    """The check run after `cluster.sh down` (tests/support/k8s_cluster.py) can fail: while the cluster
-    runs, it finds its processes, bridge, iptables chains and changed sysctls."""
+    """The check run after `cluster.sh down` (tests/support/k8s_cluster.py) can fail: while the
+    cluster runs, it finds its processes, bridge, iptables chains and changed sysctls."""
     if k8s_cluster.state_dir is None:
         pytest.skip("your own cluster: nothing was brought up here, nothing is torn down")
     found = " ".join(
