@@ -40,7 +40,7 @@ STRICT = os.environ.get("PIPELINE_TESTS_NO_SKIP") == "1"
 DEBIAN_MIRROR = "file:///usr/share/datasets/fashion-mnist/"
 # Using one of these makes a test part of the full tier only (a real server, a container or
 # the cluster); so do these markers.
-SERVER_FIXTURES = {"s3_server", "prefect_env", "docker_engine", "k8s_cluster"}
+SERVER_FIXTURES = {"s3_server", "prefect_env", "prefect_api", "docker_engine", "k8s_cluster"}
 FULL_TIER_MARKERS = {"s3", "slow", "containers", "cluster"}
 
 

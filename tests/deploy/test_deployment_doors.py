@@ -131,6 +131,7 @@ def status_of(url: str, auth: str | None = None, body: bytes | None = None) -> i
         return exc.code
 
 
+@pytest.mark.integration
 def test_a_prefect_server_configured_as_compose_does_refuses_unauthenticated_clients(
     tmp_path: Path,
 ) -> None:

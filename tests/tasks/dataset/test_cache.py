@@ -63,6 +63,7 @@ def test_damaged_cached_file_is_detected_and_fetched_again(server, warm_cache, t
     assert read_record(uri)["files"][SMALL.name]["mirror"] == server.url("good")
 
 
+@pytest.mark.integration
 def test_two_processes_filling_one_cache_download_each_file_once(server, tmp_path):
     cache_dir = tmp_path / "cache"
     config = config_for(cache_dir, server.url("slow"), download_timeout=30)

@@ -223,6 +223,7 @@ def tiny_disk(tmp_path: Path) -> Iterator[Path]:
         subprocess.run(["umount", "--lazy", str(mount)], check=False, timeout=30)
 
 
+@pytest.mark.integration
 @pytest.mark.timeout(180)
 def test_a_full_disk_is_one_attempt_not_retried(server: MirrorServer, tiny_disk: Path) -> None:
     """ENOSPC is the cache's fault, not the mirror's: no retry, no next mirror, no Prefect retry."""
