@@ -18,7 +18,7 @@ from tests.support.dataset import DEBIAN_MIRROR, SMALL, MirrorServer, config_for
 # --- fixtures -------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def real_gz() -> dict[str, bytes]:
     """The real .gz files of Debian's dataset-fashion-mnist, by mirror file name."""
     if not (dataset.DEBIAN_DATA_DIR / SMALL.name).exists():
@@ -28,7 +28,7 @@ def real_gz() -> dict[str, bytes]:
     }
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def mirror_server(real_gz):
     server = MirrorServer(real_gz)
     server.thread.start()
@@ -59,7 +59,7 @@ def refused_mirror():
         sock.close()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def warm_cache(real_gz, tmp_path_factory) -> Path:
     """A complete cache filled once from Debian's file:// mirror; tests work on copies."""
     cache_dir = tmp_path_factory.mktemp("warm") / "cache"

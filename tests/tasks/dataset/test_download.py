@@ -206,7 +206,7 @@ def test_progress_bar_with_bytes_and_rate_on_a_terminal(server, warm_cache, tmp_
     assert re.search(r"train-labels-idx1-ubyte\.gz  ([0-9.]+ kB) / \1  [0-9.]+ [kMG]?B/s", shown)
 
 
-# --- a full disk (issue 15, item 11) ----------------------------------------------------------
+# --- a full disk ------------------------------------------------------------------------------
 
 
 @pytest.fixture

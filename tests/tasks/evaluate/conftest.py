@@ -1,4 +1,4 @@
-"""What the evaluate tests share, once a module: the test set, a model trained in-process
+"""What the evaluate tests share, once a session: the test set, a model trained in-process
 for a few steps, its evaluation report, a work dir, one test image as a PNG."""
 
 from __future__ import annotations
@@ -29,12 +29,12 @@ from tests.support.evaluate import (
 )
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def data(data_uri: str) -> FashionMNIST:
     return load_dataset(data_uri)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def trained_run(tmp_path_factory: pytest.TempPathFactory, data: FashionMNIST) -> TrainedRun:
     run_dir = tmp_path_factory.mktemp("run")
     mx.random.seed(0)
@@ -84,7 +84,7 @@ def trained_run(tmp_path_factory: pytest.TempPathFactory, data: FashionMNIST) ->
     return TrainedRun(run_dir, test_logits, summary)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def report_dir(
     trained_run: TrainedRun, data_uri: str, tmp_path_factory: pytest.TempPathFactory
 ) -> Path:
@@ -96,12 +96,12 @@ def report_dir(
     return trained_run.run_dir / "report"
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def config(tmp_path_factory: pytest.TempPathFactory) -> PipelineConfig:
     return PipelineConfig(work_dir=tmp_path_factory.mktemp("work"))
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def image_png(tmp_path_factory: pytest.TempPathFactory, data: FashionMNIST) -> Path:
     path = tmp_path_factory.mktemp("inputs") / "test-0.png"
     Image.fromarray(data.test_images[0], mode="L").save(path)
