@@ -9,13 +9,14 @@ RUN := $(UV) run --frozen --no-sync
 DEBIAN_DATA := /usr/share/datasets/fashion-mnist
 ARGS ?=
 
-.PHONY: help run stop-server test lint format bench sync ensure-data
+.PHONY: help run stop-server test test-fast lint format bench sync ensure-data
 
 help:
 	@echo "make run    run the whole pipeline (ARGS='--epochs 1 ...' passes options; see 'pipeline run --help')"
 	@echo "            and record it in a local Prefect server kept running (UI: http://127.0.0.1:4200)"
 	@echo "make stop-server  stop that Prefect server"
-	@echo "make test   lint and run the test suite"
+	@echo "make test   lint and run the whole test suite (real servers, signals, containers, the cluster: what CI runs)"
+	@echo "make test-fast  lint and run the fast tier: pure cores and single-process tests (<= 2 min; see tests/README.md)"
 	@echo "make bench  run the benchmarks under bench/"
 
 $(CURDIR)/.tools/bin/uv:
@@ -49,6 +50,11 @@ lint: sync
 
 test: lint
 	$(RUN) pytest $(ARGS)
+
+# The fast tier: every test not marked `integration` (tests/conftest.py marks the ones that use
+# a real server; tests/README.md says what else is in the full tier only).
+test-fast: lint
+	$(RUN) pytest -m "not integration" $(ARGS)
 
 format: sync
 	$(RUN) ruff check --fix .

@@ -310,7 +310,7 @@ def publish(config: PipelineConfig) -> None:
 def publish_line(run_id: str, result: PublishResult) -> str:
     """The publish step's log line: what was sent, and what latest.json does, said once."""
     promotion = result.promotion
-    if not result.promoted and not promotion.startswith("latest.json"):
+    if not result.promoted and not promotion.startswith(layout.LATEST):
         promotion = f"latest.json unchanged: {promotion}"
     return (
         f"published run {run_id} to {result.run_uri} ({len(result.uploaded)} object(s) "

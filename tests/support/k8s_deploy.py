@@ -22,10 +22,10 @@ import pytest
 import yaml
 from botocore.config import Config
 
-from tests.docker_support import DEBIAN_DATA
-from tests.k8s_cluster import KUBECTL, Cluster
-from tests.prefect_server import wait_for
+from tests.support.docker import DEBIAN_DATA
+from tests.support.k8s_cluster import KUBECTL, Cluster
 from tests.support.k8s_render import K8S_DIR, find_object, render
+from tests.support.prefect_server import wait_for
 
 NAMESPACE = "fashion-pipeline"
 OVERLAY = Path(os.environ.get("PIPELINE_TEST_K8S_OVERLAY", K8S_DIR / "overlays" / "dev"))
