@@ -22,6 +22,7 @@ from tasks.evaluate.gate import QualityGateFailed, check_gate, quality_gate
 from tasks.publish.failure import failures_reported
 from tests.support.publish import make_run_dir
 from tests.support.seaweedfs import free_port
+from tests.support.steps import for_run
 
 DEBIAN_MIRROR = "file:///usr/share/datasets/fashion-mnist/"
 
@@ -125,7 +126,7 @@ def test_a_step_past_its_timeout_is_stopped_as_one_clear_failure(
 
     @flow(retries=0)
     def publish_only() -> None:
-        StepRunner(config)("publish", data_uri, run_dir.as_uri())
+        StepRunner(for_run(config, data_uri, run_dir))("publish")
 
     start = time.monotonic()
     with pytest.raises(StepFailed, match="publish did not finish within its publish_timeout"):
