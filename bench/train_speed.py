@@ -45,6 +45,7 @@ import psutil
 from bench.exchange import hvd_allreduce_us, raw_exchange_us
 from bench.quiet import Load, LoadWatch, load_before, warn_if_loaded
 from bench.table import print_ratio_table
+from pipeline.base import layout
 from pipeline.base.config import PipelineConfig
 from pipeline.base.uris import local_path
 from tasks.dataset import DEBIAN_DATA_DIR, FashionMNIST, load_dataset, prepare_dataset
@@ -164,13 +165,15 @@ class RankPeakRss(threading.Thread):
 
     def __init__(self, run_dir: Path) -> None:
         super().__init__(daemon=True)
-        self.run_dir, self.peaks, self.done = str(run_dir), {}, threading.Event()
+        # A rank's command line names its run only through its config file.
+        self.config_file = str(run_dir / layout.RANK_CONFIG)
+        self.peaks, self.done = {}, threading.Event()
 
     def run(self) -> None:
         while not self.done.wait(0.05):
             for process in psutil.process_iter(["cmdline"]):
                 cmdline = process.info["cmdline"] or []
-                if cmdline[1:3] == ["-m", "tasks.train.rank"] and self.run_dir in cmdline:
+                if cmdline[1:3] == ["-m", "tasks.train.rank"] and self.config_file in cmdline:
                     try:
                         status = Path(f"/proc/{process.pid}/status").read_text()
                     except OSError:
