@@ -31,6 +31,7 @@ from pipeline.base import layout
 from pipeline.base.config import PipelineConfig
 from pipeline.base.errors import PermanentError, PipelineError
 from pipeline.base.store import ConflictError, IntegrityError, open_store
+from pipeline.base.uris import to_uri
 from pipeline.prefect_server import PrefectApiError
 from pipeline.preflight import preflight
 from tasks.evaluate.gate import QualityGateFailed, check_gate
@@ -150,9 +151,11 @@ def step_budget(step: StepName, config: PipelineConfig) -> float:
 
 def step_output(step: StepName, config: PipelineConfig) -> str:
     """Where `step` leaves what it made, as the config says: the dataset cache, the run
-    directory (train, evaluate), or the published run."""
+    directory, its report, or the published run."""
     if step == "dataset":
         return config.data_uri()
+    if step == "evaluate":
+        return to_uri(config.run_dir() / layout.REPORT_DIR)
     if step == "publish":
         return published_uri(config)
     return config.run_dir_uri()

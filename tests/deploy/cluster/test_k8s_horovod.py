@@ -71,7 +71,8 @@ def reference(tmp_path_factory) -> Mapping[str, np.ndarray]:
         artifact_store=(home / "store").as_uri(),
         run_id="reference",
     )
-    train_step(config, dataset.prepare_dataset(config))
+    dataset.prepare_dataset(config)
+    train_step(config)
     return load_params(config.run_dir() / "model" / "model.params")
 
 

@@ -33,7 +33,7 @@ from tests.support.seaweedfs import free_port
 
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(2400)]
 
-SERVER_MANIFEST = Path(__file__).parent / "support" / "cluster" / "prefect-server.yaml"
+SERVER_MANIFEST = Path(__file__).parents[2] / "support" / "cluster" / "prefect-server.yaml"
 IN_CLUSTER_API = "http://prefect-server:4200/api"
 DEPLOYMENT = "training_pipeline/kubernetes"
 FLOW_RUN_TIMEOUT_S = 600
