@@ -9,7 +9,7 @@ RUN := $(UV) run --frozen --no-sync
 DEBIAN_DATA := /usr/share/datasets/fashion-mnist
 ARGS ?=
 
-.PHONY: help run stop-server test test-fast lint format bench sync ensure-data
+.PHONY: help run stop-server test test-fast lint format bench sync ensure-data ensure-mpi
 
 help:
 	@echo "make run    run the whole pipeline (ARGS='--epochs 1 ...' passes options; see 'pipeline run --help')"
@@ -23,7 +23,22 @@ $(CURDIR)/.tools/bin/uv:
 	@echo "uv not found on PATH: installing it from PyPI into .tools/"
 	python3 -m venv .tools && .tools/bin/pip install --quiet uv
 
-sync: | $(UV)
+# Horovod is compiled against Open MPI: a host's ranks exchange over its shared memory
+# (tasks/train/mpirun.py). Install Debian's packages when they are missing and we are root.
+OPENMPI_PACKAGES := libopenmpi-dev openmpi-bin
+ensure-mpi:
+	@if ! command -v mpicc >/dev/null || ! command -v mpirun >/dev/null; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "make: installing Open MPI ($(OPENMPI_PACKAGES)): Horovod is built against it"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+	      --no-install-recommends $(OPENMPI_PACKAGES); \
+	  else \
+	    echo "make: Open MPI is missing; install $(OPENMPI_PACKAGES) (as root), then run make again" >&2; \
+	    exit 1; \
+	  fi; \
+	fi
+
+sync: ensure-mpi | $(UV)
 	@$(UV) sync --frozen
 
 # Where no mirror is reachable the dataset step falls back to Debian's dataset-fashion-mnist

@@ -3,9 +3,11 @@
 The model's gradients are 7,850 float32 (a 784x10 weight and 10 biases), 31,400 bytes. Rows:
   raw socket exchange   two processes on a socket pair, each sends its 31,400 bytes and
                         receives the other's, then sums them: the limit on this machine
-  hvd.allreduce ENV     two Horovod ranks (Gloo, started as the train step starts them), one
-                        allreduce of the same bytes, waited for, per call; with the
-                        environment ENV set on top of the train step's rank environment
+  hvd.allreduce ENV     two Horovod ranks over Gloo (started as the train step starts them
+                        without MPI), one allreduce of the same bytes, waited for, per call;
+                        with the environment ENV set on top of the train step's rank environment
+  ... over MPI          the same, the ranks started by mpirun as the train step starts them
+                        where Horovod has MPI (shared memory)
 Columns: microseconds per exchange (median over the calls), and the ratio to the raw exchange.
 
 Run: .venv/bin/python -m bench.exchange [--calls 2000]
@@ -26,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.base.config import PipelineConfig
-from tasks.train import rendezvous
+from tasks.train import mpirun, rendezvous
 from tasks.train.step import rank_environment
 
 NUM_FLOATS = 784 * 10 + 10
@@ -108,6 +110,23 @@ def hvd_allreduce_us(calls: int, extra_env: dict[str, str]) -> float:
     return float(outputs[0])
 
 
+def hvd_allreduce_mpi_us(calls: int) -> float:
+    """The same over MPI: two ranks started by mpirun as the train step starts them on one host
+    where Horovod has MPI (`tasks.train.mpirun`)."""
+    env = rank_environment(PipelineConfig(num_proc=2), os.environ)
+    command = [sys.executable, "-m", "bench.exchange", "--rank", "--calls", str(calls)]
+    launch = mpirun.launch(2, command, env)
+    done = subprocess.run(
+        launch.command, env=launch.env, capture_output=True, text=True, cwd=REPO_ROOT, timeout=300
+    )
+    read = mpirun.MpirunOutput()
+    for line in done.stdout.splitlines():
+        parsed = read(line)
+        if isinstance(parsed, tuple) and parsed[:2] == (0, "stdout"):
+            return float(parsed[2])
+    raise RuntimeError(f"mpirun exited with {done.returncode}: {done.stdout[-2000:]}")
+
+
 # Rows measured by default; --env adds more (e.g. HOROVOD_CYCLE_TIME=0.1).
 VARIANTS = {"(the train step's)": {}}
 
@@ -132,6 +151,11 @@ def main() -> None:
     for name, extra in {**VARIANTS, **extra_rows}.items():
         micros = hvd_allreduce_us(args.calls, extra)
         print(f"| {'hvd.allreduce ' + name:<40} | {micros:11.1f} | {micros / raw:5.1f}x |")
+    if mpirun.available():
+        micros = hvd_allreduce_mpi_us(args.calls)
+        print(
+            f"| {'hvd.allreduce over MPI (mpirun)':<40} | {micros:11.1f} | {micros / raw:5.1f}x |"
+        )
 
 
 if __name__ == "__main__":

@@ -42,13 +42,14 @@ from pathlib import Path
 import numpy as np
 import psutil
 
-from bench.exchange import hvd_allreduce_us, raw_exchange_us
+from bench.exchange import hvd_allreduce_mpi_us, hvd_allreduce_us, raw_exchange_us
 from bench.quiet import Load, LoadWatch, load_before, warn_if_loaded
 from bench.table import print_ratio_table
 from pipeline.base import layout
 from pipeline.base.config import PipelineConfig
 from pipeline.base.uris import local_path
 from tasks.dataset import DEBIAN_DATA_DIR, FashionMNIST, load_dataset, prepare_dataset
+from tasks.train import mpirun
 from tasks.train.sharding import epoch_permutation, global_batches
 from tasks.train.step import train
 
@@ -60,6 +61,7 @@ TARGET_FLOOR_RATIO = 3.0
 TARGET_RSS_MB = 600.0
 TARGET_NP2_RATIO = 2.0
 EXCHANGE_CALLS = 1000
+GLOO = "2 gloo"  # the key of the np=2 rows over Gloo where MPI is used (for comparison)
 MB = 2**20
 
 
@@ -182,20 +184,28 @@ class RankPeakRss(threading.Thread):
                     self.peaks[process.pid] = max(self.peaks.get(process.pid, 0), hwm_kib)
 
 
-def trainer_row(num_proc: int, data_uri: str, work_dir: Path, epochs: int) -> dict:
+def trainer_row(
+    num_proc: int, data_uri: str, work_dir: Path, epochs: int, gloo: bool = False
+) -> dict:
+    """The train step at `num_proc` ranks; `gloo`: this host's ranks over Gloo even where MPI
+    is available (the launch the pipeline used before MPI, for comparison)."""
     config = PipelineConfig(
         num_proc=num_proc,
         epochs=epochs,
         work_dir=work_dir,
         data_dir=local_path(data_uri),
-        run_id=f"np{num_proc}",
+        run_id=f"np{num_proc}" + ("-gloo" if gloo else ""),
     )
     run_dir = config.run_dir().resolve()
     poller = RankPeakRss(run_dir)
     poller.start()
+    mpi_available = mpirun.available
     try:
+        if gloo:
+            mpirun.available = lambda: False
         train(config)
     finally:
+        mpirun.available = mpi_available
         poller.done.set()
         poller.join()
     records = [
@@ -209,15 +219,18 @@ def trainer_row(num_proc: int, data_uri: str, work_dir: Path, epochs: int) -> di
 
 
 def interleaved_trainer_pairs(data_uri: str, work: Path, epochs: int, repeats: int) -> list:
-    """np=1 then np=2, `repeats` times (ABAB...: a drift of the machine hits both), each row
-    timed inside a LoadWatch."""
+    """np=1, np=2 and (where MPI is used) np=2 over Gloo, `repeats` times (ABCABC...: a drift
+    of the machine hits all), each row timed inside a LoadWatch."""
+    variants = {1: (1, False), 2: (2, False)}
+    if mpirun.available():
+        variants[GLOO] = (2, True)
     pairs = []
     for repeat in range(repeats):
         pair = {}
-        for num_proc in (1, 2):
+        for key, (num_proc, gloo) in variants.items():
             with LoadWatch() as load:
-                row = trainer_row(num_proc, data_uri, work / f"repeat-{repeat}", epochs)
-            pair[num_proc] = {**row, "load": load}
+                row = trainer_row(num_proc, data_uri, work / f"repeat-{repeat}", epochs, gloo)
+            pair[key] = {**row, "load": load}
         pairs.append(pair)
     return pairs
 
@@ -233,19 +246,22 @@ def merged_trainer_row(pairs: list, num_proc: int) -> dict:
 
 
 def print_pairs(pairs: list) -> float:
-    """The interleaved np=1/np=2 pairs with their load; the median np=2/np=1 ratio."""
-    print(
-        "| pair | np=1 s/epoch | np=2 s/epoch | np=2/np=1 | load during np=1 | load during np=2 |"
-    )
-    print("|---|---|---|---|---|---|")
+    """The interleaved np=1/np=2 pairs (and np=2 over Gloo) with their load; the median
+    np=2/np=1 ratio."""
+    gloo = GLOO in pairs[0]
+    extra = " np=2 Gloo s/epoch | Gloo/np=1 |" if gloo else ""
+    print(f"| pair | np=1 s/epoch | np=2 s/epoch | np=2/np=1 |{extra} load during the rows |")
+    print("|---|---|---|---|" + ("---|---|" if gloo else "") + "---|")
     ratios = []
     for number, pair in enumerate(pairs, 1):
         np1, np2 = (statistics.median(pair[n]["seconds"]) for n in (1, 2))
         ratios.append(np2 / np1)
-        print(
-            f"| {number} | {np1:.3f} | {np2:.3f} | {np2 / np1:.2f}x "
-            f"| {pair[1]['load'].describe()} | {pair[2]['load'].describe()} |"
-        )
+        cells = f"| {number} | {np1:.3f} | {np2:.3f} | {np2 / np1:.2f}x |"
+        if gloo:
+            over_gloo = statistics.median(pair[GLOO]["seconds"])
+            cells += f" {over_gloo:.3f} | {over_gloo / np1:.2f}x |"
+        loads = "; ".join(f"{key}: {row['load'].describe()}" for key, row in pair.items())
+        print(f"{cells} {loads} |")
     print()
     return statistics.median(ratios)
 
@@ -279,15 +295,21 @@ def main() -> None:
             d2l_name: d2l_row,
             "trainer np=1": merged_trainer_row(pairs, 1),
             "trainer np=2": merged_trainer_row(pairs, 2),
+            **({"trainer np=2, Gloo": merged_trainer_row(pairs, GLOO)} if GLOO in pairs[0] else {}),
             "numpy floor": floor_row,
         }
         for number, pair in enumerate(pairs, 1):
-            loads.update({f"pair {number} np={n}": pair[n]["load"] for n in (1, 2)})
+            loads.update({f"pair {number} np={n}": row["load"] for n, row in pair.items()})
         num_train = len(load_dataset(data_uri).train_labels)
         with LoadWatch() as loads["exchange rows"]:
             exchange = {
                 "raw socket exchange": raw_exchange_us(args.calls),
-                "hvd.allreduce, alone": hvd_allreduce_us(args.calls, {}),
+                "hvd.allreduce, alone, Gloo": hvd_allreduce_us(args.calls, {}),
+                **(
+                    {"hvd.allreduce, alone, MPI": hvd_allreduce_mpi_us(args.calls)}
+                    if mpirun.available()
+                    else {}
+                ),
             }
     print_tables(rows, pairs, exchange, num_train, args)
     loaded = warn_if_loaded(loads, start)

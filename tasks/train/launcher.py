@@ -26,6 +26,7 @@ import threading
 from collections import defaultdict, deque
 from collections.abc import Callable, Iterable
 from contextlib import suppress
+from pathlib import Path
 from typing import IO, NamedTuple
 
 import psutil
@@ -41,20 +42,25 @@ _RANK_LINE_RE = re.compile(r"^\[(\d+)\]<(stdout|stderr)>:(.*)$")
 _RANK_EXIT_RE = re.compile(r"^Process (\d+) exit with status code (-?\d+)\.")
 
 
-class Launch(NamedTuple):
-    """A process the launcher starts: horovodrun (`rank` None; it tags each line of its ranks
-    with the rank and stream) or one rank (its own stdout and stderr)."""
-
-    command: list[str]
-    env: dict[str, str]
-    rank: int | None = None
-
-
 class RankExit(NamedTuple):
     """A rank that ended, and its exit status as a shell reports it."""
 
     rank: int
     status: int
+
+
+OutputReader = Callable[[str], "tuple[int, str, str] | RankExit | None"]
+
+
+class Launch(NamedTuple):
+    """A process the launcher starts: one rank (`rank`; its own stdout and stderr), or a
+    launcher of ranks (`rank` None: horovodrun, mpirun) whose merged output `output` reads:
+    a rank's line (rank, stream, text), a rank's exit, or None for the launcher's own text."""
+
+    command: list[str]
+    env: dict[str, str]
+    rank: int | None = None
+    output: OutputReader | None = None  # None: horovodrun's format (`horovodrun_line`)
 
 
 # --- pure core ------------------------------------------------------------------------------
@@ -85,12 +91,14 @@ def failure_message(
     launcher_status: int,
     stderr_tails: dict[int, Iterable[str]],
     launcher_lines: Iterable[str],
+    launcher_name: str = "horovodrun",
 ) -> str:
     """What went wrong: the first rank that exited non-zero and its last stderr lines, or,
-    when no rank is known to have failed, the launcher's (horovodrun's) last lines."""
+    when no rank is known to have failed, the launcher's (horovodrun's, mpirun's) last lines."""
     if failed is None:
         tail = "\n  ".join(list(launcher_lines)[-STDERR_TAIL_LINES:]) or "(no output)"
-        return f"horovodrun exited with {describe_exit(launcher_status)}; its last lines:\n  {tail}"
+        status = describe_exit(launcher_status)
+        return f"{launcher_name} exited with {status}; its last lines:\n  {tail}"
     tail = "\n  ".join(stderr_tails.get(failed.rank, ())) or "(no stderr output)"
     return (
         f"training failed: rank {failed.rank} exited with {describe_exit(failed.status)}; "
@@ -139,9 +147,12 @@ def _forward_lines(stream: IO[str], tag: Callable, source: int, lines: queue.Sim
     lines.put((source, None))  # this pipe is closed
 
 
-def _horovodrun_tag(line: str) -> tuple[int | None, str | None, str] | RankExit:
-    parsed = horovodrun_line(line)
-    return (None, None, line) if parsed is None else parsed
+def _launcher_tag(read: OutputReader) -> Callable[[str], tuple | RankExit]:
+    def tag(line: str) -> tuple[int | None, str | None, str] | RankExit:
+        parsed = read(line)
+        return (None, None, line) if parsed is None else parsed
+
+    return tag
 
 
 class RankGroup:
@@ -160,7 +171,7 @@ class RankGroup:
         self.lines: queue.SimpleQueue = queue.SimpleQueue()
         self.processes: list[subprocess.Popen] = []
         self.open_pipes: list[int] = []
-        self.launcher_status = 0  # horovodrun's, where it started the ranks
+        self.launcher_status = 0  # horovodrun's or mpirun's, where one started the ranks
         self.rank_exits: list[RankExit] = []  # in the order they were seen
         self.reported: set[int] = set()  # ranks that sent their own error
 
@@ -179,7 +190,7 @@ class RankGroup:
             )
             self.processes.append(process)
             if launch.rank is None:
-                pipes = [(process.stdout, _horovodrun_tag)]
+                pipes = [(process.stdout, _launcher_tag(launch.output or horovodrun_line))]
             else:
                 pipes = [
                     (process.stdout, lambda text, r=launch.rank: (r, "stdout", text)),
@@ -197,7 +208,7 @@ class RankGroup:
             source, item = self.lines.get()
             if item is None:
                 self._pipe_closed(source)
-            elif isinstance(item, RankExit):  # horovodrun's report: it stops the others itself
+            elif isinstance(item, RankExit):  # the launcher's report: it stops the others itself
                 self.rank_exits.append(item)
             else:
                 self._handle(*item)
@@ -218,7 +229,7 @@ class RankGroup:
     def _handle(self, rank: int | None, stream: str | None, text: str) -> None:
         if rank is None:
             self.launcher_lines.append(text)
-            self.logger.debug("horovodrun: %s", text)
+            self.logger.debug("launcher: %s", text)
         elif stream == "stderr":
             self.stderr_tails[rank].append(text)
             if rank == 0:
@@ -249,8 +260,9 @@ class RankGroup:
         failed = next((ended for ended in self.rank_exits if ended.status != 0), None)
         if failed is None and self.launcher_status == 0:
             return
+        launchers = [Path(ln.command[0]).name for ln in self.launches if ln.rank is None]
         message = failure_message(
-            failed, self.launcher_status, self.stderr_tails, self.launcher_lines
+            failed, self.launcher_status, self.stderr_tails, self.launcher_lines, *launchers[:1]
         )
         if failed is None:
             raise TrainingError(message, None, self.launcher_status)

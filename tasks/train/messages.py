@@ -15,6 +15,10 @@ from typing import Annotated, Any, Literal, TextIO
 
 from pydantic import BaseModel, Field, TypeAdapter, ValidationError
 
+# The environment variable naming the launcher's pid, where a rank's parent is not the launcher
+# itself (mpirun sits between them): the rank ends when that process is gone.
+LAUNCHER_PID = "PIPELINE_LAUNCHER_PID"
+
 
 class Note(BaseModel):
     """A line for the step log (e.g. where a resumed run continues from)."""

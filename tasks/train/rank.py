@@ -40,7 +40,7 @@ from tasks.train.checkpoints import (
     write_pointer,
 )
 from tasks.train.history import best_epoch, epoch_record, train_summary
-from tasks.train.messages import EpochDone, Note, RankChannel, RankFailed
+from tasks.train.messages import LAUNCHER_PID, EpochDone, Note, RankChannel, RankFailed
 from tasks.train.model import (
     NUM_FEATURES,
     ScoredBatch,
@@ -278,15 +278,26 @@ def write_outputs(
 
 def exit_with_parent() -> None:
     """End this rank when the launcher that started it is gone (even SIGKILLed): an orphan
-    would go on training into the run directory and race a later --resume."""
+    would go on training into the run directory and race a later --resume. The launcher is
+    the parent, or the process LAUNCHER_PID names where mpirun sits between them."""
     parent = os.getppid()
+    launcher = int(os.environ.get(LAUNCHER_PID, parent))
 
     def watch() -> None:
-        while os.getppid() == parent:
+        while os.getppid() == parent and _running(launcher):
             time.sleep(ORPHAN_CHECK_S)
         os._exit(143)
 
     threading.Thread(target=watch, name="orphan-watch", daemon=True).start()
+
+
+def _running(pid: int) -> bool:
+    """Whether process `pid` is alive (an exited one not yet reaped is not)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return not stat.read().rsplit(") ", 1)[-1].startswith(("Z", "X"))
+    except FileNotFoundError:
+        return False
 
 
 def main(argv: list[str] | None = None) -> int:

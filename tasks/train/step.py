@@ -1,8 +1,10 @@
 """The train step's shell: check the run, write its config.json, start its ranks.
 
 Three ways to start ranks, one `run_ranks` for all of them:
-- on this host only (the default, `--num-proc N`): every rank is started here with Horovod's
-  Gloo variables and a rendezvous served on 127.0.0.1, no horovodrun (it costs ~5.5 s a run);
+- on this host only (the default, `--num-proc N`): `mpirun` starts the ranks and Horovod
+  exchanges over MPI's shared memory (`tasks.train.mpirun`), where Horovod was built with MPI;
+  elsewhere every rank is started here with Horovod's Gloo variables and a rendezvous served on
+  127.0.0.1 (no horovodrun: it costs ~5.5 s a run);
 - a rendezvous job (`--worker-index`, a Kubernetes Indexed Job): host 0 serves the rendezvous,
   every host starts its own slots; no ssh;
 - `horovodrun` over ssh, where other hosts are named (`--hosts`, `--hostfile`) without
@@ -24,7 +26,7 @@ from pipeline.base.config import ConfigError, PipelineConfig
 from pipeline.base.files import atomic_write
 from pipeline.base.locks import exclusive_lock
 from pipeline.base.logs import step_logger
-from tasks.train import rendezvous
+from tasks.train import mpirun, rendezvous
 from tasks.train.checkpoints import check_resumable, read_checkpoint
 from tasks.train.errors import TrainingError
 from tasks.train.launcher import Launch, run_ranks
@@ -294,5 +296,7 @@ def start_ranks(config: PipelineConfig, on_epoch: Callable[[EpochDone], None] | 
         run_host_job(config, command, env, on_epoch=on_epoch)
     elif uses_ssh(config):
         run_ranks([Launch(horovodrun_command(config, command), env)], on_epoch=on_epoch)
+    elif mpirun.available():
+        run_ranks([mpirun.launch(config.num_proc, command, env)], on_epoch=on_epoch)
     else:
         run_local_job(config, command, env, on_epoch=on_epoch)

@@ -74,6 +74,12 @@ def rank_processes(run_dir: Path) -> list[psutil.Process]:
     return found
 
 
+def rank_number(environ: dict[str, str]) -> str | None:
+    """The rank a process's environment says it is: Horovod's variable where the launcher or
+    Gloo started it, Open MPI's where mpirun did; None for any other process."""
+    return environ.get("HOROVOD_RANK", environ.get("OMPI_COMM_WORLD_RANK"))
+
+
 def wait_until_no_ranks(run_dir: Path, timeout_s: float = 15) -> list[psutil.Process]:
     deadline = time.monotonic() + timeout_s
     while (left := rank_processes(run_dir)) and time.monotonic() < deadline:

@@ -3,6 +3,7 @@ resumes, and no rank left behind."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -18,6 +19,7 @@ import psutil
 import pytest
 
 from pipeline.base.store import open_store
+from tasks.train import mpirun
 from tasks.train.errors import TrainingError
 from tests.support.steps import for_run, trained
 from tests.support.train import (
@@ -26,6 +28,7 @@ from tests.support.train import (
     Capture,
     history,
     parameters,
+    rank_number,
     rank_processes,
     run_config,
     wait_until_no_ranks,
@@ -43,7 +46,7 @@ def _kill_rank_one_after_first_epoch(run_dir: Path, outcome: dict) -> None:
         if rank_one is None:
             for process in rank_processes(run_dir):
                 try:
-                    if process.environ().get("HOROVOD_RANK") == "1":
+                    if rank_number(process.environ()) == "1":
                         rank_one = process
                 except (psutil.NoSuchProcess, psutil.AccessDenied):
                     pass  # not (or no longer) a rank of ours
@@ -162,7 +165,7 @@ def test_resume_auto_starts_fresh_then_a_retry_resumes_from_the_store(
 # start-up): a real process that dies by a real signal at every start.
 DIE_AT_START = (
     "import os, signal\n"
-    "if 'HOROVOD_RANK' in os.environ:\n"
+    "if {'HOROVOD_RANK', 'OMPI_COMM_WORLD_RANK'} & set(os.environ):\n"
     "    os.kill(os.getpid(), signal.SIGKILL)\n"
 )
 
@@ -215,3 +218,33 @@ def test_an_interrupted_launcher_leaves_no_ranks_behind(work_dir: Path, data_uri
             launcher.wait()
         for process in rank_processes(run_dir):
             process.kill()
+
+
+def test_a_sigkilled_launcher_leaves_no_mpirun_and_no_ranks_behind(
+    work_dir: Path, data_uri: str
+) -> None:
+    """SIGKILL runs nothing of the launcher: mpirun, between it and the ranks, stays their
+    parent. The ranks watch the launcher's pid, end, and mpirun ends with them."""
+    if not mpirun.available():
+        pytest.skip("Horovod without MPI or no mpirun here: this host's ranks use Gloo")
+    config = run_config(work_dir, "sigkilled", num_proc=2, epochs=200)
+    run_dir = config.run_dir().resolve()
+    command = [sys.executable, "-c", TRAIN_SCRIPT, config.model_dump_json(), data_uri]
+    launcher = subprocess.Popen(command)
+    launched: list[psutil.Process] = []
+    try:
+        deadline = time.monotonic() + DEADLINE_S
+        while len(rank_processes(run_dir)) < 2:
+            assert time.monotonic() < deadline, "the ranks did not start in time"
+            assert launcher.poll() is None, "the launcher ended before it was killed"
+            time.sleep(0.1)
+        launched = psutil.Process(launcher.pid).children(recursive=True)
+        assert any(p.name() == "mpirun" for p in launched), [p.name() for p in launched]
+        launcher.kill()
+        launcher.wait()
+        gone, alive = psutil.wait_procs(launched, timeout=30)
+        assert alive == [], f"outlived their SIGKILLed launcher: {alive}"
+    finally:
+        for process in [*launched, *rank_processes(run_dir)]:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                process.kill()
