@@ -87,3 +87,9 @@ def test_mpi_is_used_only_where_horovod_links_it_and_mpirun_is_installed(
 ) -> None:
     monkeypatch.setattr(mpirun.shutil, "which", lambda name: None)
     assert not mpirun.available()  # no mpirun: the Gloo launch
+
+
+def test_ranks_are_bound_one_a_core_only_when_several_fit() -> None:
+    assert mpirun.binding(2, 2) == "core"
+    assert mpirun.binding(1, 2) == "none"  # its own threads would share one core
+    assert mpirun.binding(3, 2) == "none"  # more ranks than cores
