@@ -40,9 +40,9 @@ from pipeline.base.store import (
     ConflictError,
     IntegrityError,
     StoreError,
+    local_run,
     open_store,
     read_manifest,
-    verify_local_run,
 )
 from pipeline.base.store.documents import (
     Latest,
@@ -299,10 +299,7 @@ def _promotions_so_far(store: ArtifactStore) -> int:
 def publish(config: PipelineConfig) -> None:
     """The flow's publish step: `config.run_dir()` as run `config.run_id` of the store."""
     store = open_store(config.artifact_store, **config.store_options())
-    run_dir = config.run_dir()
-    if not run_dir.is_dir():
-        raise StoreError(f"run directory {run_dir} does not exist")
-    verify_local_run(run_dir, str(run_dir), published=False)  # a pulled run: its manifest
+    run_dir = local_run(config.run_dir(), str(config.run_dir()))  # a pulled run: its manifest
     result = publish_run(store, run_dir, read_record(config.data_uri()), config)
     step_logger(__name__).info(publish_line(config.run_id, result))
 

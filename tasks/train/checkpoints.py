@@ -66,12 +66,7 @@ class Checkpoint(BaseModel):
 
     @model_validator(mode="after")
     def _names_are_its_own_epochs(self) -> Checkpoint:
-        expected = {
-            "params": stem(self.epoch) + layout.CHECKPOINT_WEIGHTS,
-            "optimizer": stem(self.epoch) + layout.CHECKPOINT_OPTIMIZER,
-            "best_params": stem(self.best_epoch) + layout.CHECKPOINT_WEIGHTS,
-        }
-        for field, name in expected.items():
+        for field, name in checkpoint_names(self.epoch, self.best_epoch).items():
             if getattr(self, field) != name:
                 raise ValueError(f"{field} must be {name!r}, not {getattr(self, field)!r}")
         if self.best_epoch > self.epoch:
@@ -92,6 +87,16 @@ def checkpoint_dir(run_dir: Path) -> Path:
 def stem(epoch: int) -> str:
     """The name of an epoch's checkpoint files without their suffix (`layout`'s)."""
     return layout.checkpoint_stem(epoch)
+
+
+def checkpoint_names(epoch: int, best_epoch: int) -> dict[str, str]:
+    """The file names of the checkpoint of `epoch` whose kept model is `best_epoch`'s, by the
+    pointer's field: what rank 0 writes and what the pointer is validated against."""
+    return {
+        "params": stem(epoch) + layout.CHECKPOINT_WEIGHTS,
+        "optimizer": stem(epoch) + layout.CHECKPOINT_OPTIMIZER,
+        "best_params": stem(best_epoch) + layout.CHECKPOINT_WEIGHTS,
+    }
 
 
 def trajectory_of(config: PipelineConfig) -> dict[str, Any]:

@@ -32,9 +32,9 @@ from tasks.dataset import load_dataset
 from tasks.train.checkpoints import (
     Checkpoint,
     checkpoint_dir,
+    checkpoint_names,
     file_sha256,
     read_checkpoint,
-    stem,
     trajectory_of,
     verify_files,
     write_pointer,
@@ -137,23 +137,16 @@ def save_checkpoint(
     epoch, best = history[-1]["epoch"], best_epoch(history)
     directory = checkpoint_dir(run_dir)
     arrays, optimizer_layout, counters = optimizer_state(trainer)
-    params, optimizer = (
-        stem(epoch) + layout.CHECKPOINT_WEIGHTS,
-        stem(epoch) + layout.CHECKPOINT_OPTIMIZER,
-    )
-    best_params = stem(best) + layout.CHECKPOINT_WEIGHTS
-    atomic_save(directory / params, net.save_parameters)
-    atomic_save(directory / optimizer, lambda path: nd.save(path, arrays))
-    names = {params, optimizer, best_params}
+    names = checkpoint_names(epoch, best)
+    atomic_save(directory / names["params"], net.save_parameters)
+    atomic_save(directory / names["optimizer"], lambda path: nd.save(path, arrays))
     checkpoint = Checkpoint(
         epoch=epoch,
-        params=params,
-        optimizer=optimizer,
+        **names,
         optimizer_layout=optimizer_layout,
         optimizer_counters=counters,
         best_epoch=best,
-        best_params=best_params,
-        digests={name: file_sha256(directory / name) for name in names},
+        digests={name: file_sha256(directory / name) for name in names.values()},
         history=history,
         trajectory=trajectory_of(config),
     )

@@ -49,6 +49,7 @@ __all__ = [
     "open_store",
     "read_json",
     "read_manifest",
+    "local_run",
     "verify_local_run",
     "safe_relative",
 ]
@@ -127,9 +128,7 @@ def materialize(
     store = open_store(uri, endpoint_url=endpoint_url, timeouts=timeouts)
     local = store.local_root()
     if local is not None:
-        if not local.is_dir():
-            raise StoreError(f"run directory {uri} does not exist")
-        return verify_local_run(local, uri, published=published)
+        return local_run(local, uri, published=published)
     found = read_manifest(store)
     if found is None:
         keys = store.list_keys()
@@ -140,6 +139,13 @@ def materialize(
         # No manifest (the flow's own unpublished run): only the transfer's checksums apply.
         return store.fetch(dict.fromkeys(keys), dest)
     return download_run(store, found[0], dest)
+
+
+def local_run(run_dir: Path, uri: str, *, published: bool = False) -> Path:
+    """A run directory on this machine, which must exist, verified (`verify_local_run`)."""
+    if not run_dir.is_dir():
+        raise StoreError(f"run directory {uri} does not exist")
+    return verify_local_run(run_dir, uri, published=published)
 
 
 def verify_local_run(run_dir: Path, uri: str, *, published: bool = False) -> Path:
